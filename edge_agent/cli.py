@@ -1,0 +1,101 @@
+"""The ``edge-agent`` console script: one subcommand per DESIGN command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import config as cfgmod
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    kind, problems = cfgmod.check_file(Path(args.config))
+    if problems:
+        for line in problems:
+            print(line, file=sys.stderr)
+        return 2
+    print(f"{args.config}: valid {kind} config")
+    return 0
+
+
+def _load_or_exit(loader, path: str):
+    try:
+        return loader(Path(path))
+    except cfgmod.ConfigError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run_agent
+
+    return run_agent(Path(args.config))
+
+
+def _cmd_bridge(args: argparse.Namespace) -> int:
+    from .bridge import run_bridge
+
+    return run_bridge(Path(args.config))
+
+
+def _cmd_outbox(args: argparse.Namespace) -> int:
+    from .outbox import Outbox
+
+    cfg = _load_or_exit(cfgmod.load_agent, args.config)
+    with Outbox.open_readonly(cfg.outbox) as box:
+        print(json.dumps(box.stats(), indent=None if args.json else 2))
+    return 0
+
+
+def _cmd_count(args: argparse.Namespace) -> int:
+    from .pipeline import count_command
+
+    return count_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("run", help="the camera-host daemon")
+    s.add_argument("-c", "--config", required=True)
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("bridge", help="the MQTT -> Kafka bridge daemon with its HTTP API")
+    s.add_argument("-c", "--config", required=True)
+    s.set_defaults(func=_cmd_bridge)
+
+    s = sub.add_parser("check-config", help="validate an agent or bridge config file")
+    s.add_argument("-c", "--config", required=True)
+    s.set_defaults(func=_cmd_check_config)
+
+    s = sub.add_parser("outbox", help="show the outbox: depth, bytes, oldest entry age, per stream")
+    s.add_argument("-c", "--config", required=True)
+    s.add_argument("--json", action="store_true", help="one line of JSON")
+    s.set_defaults(func=_cmd_outbox)
+
+    s = sub.add_parser("count", help="count a video file offline with the same pipeline as run")
+    s.add_argument("video")
+    s.add_argument("--model", required=True)
+    s.add_argument("--format", default="yolox", choices=["yolox", "yolov8"])
+    s.add_argument("--line", action="append", default=[], metavar="ID:x1,y1,x2,y2")
+    s.add_argument("--zone", action="append", default=[], metavar="ID:x,y;x,y;…")
+    s.add_argument("--classes", default="person")
+    s.add_argument("--fps", type=float, default=None, help="process at this rate (default: every frame)")
+    s.add_argument("--confidence", type=float, default=None)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_count)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
