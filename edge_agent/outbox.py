@@ -1,0 +1,493 @@
+"""The durable outbox: store and forward on the camera host's disk (diskcache / SQLite).
+
+Every envelope is written here before anything tries to send it, and leaves only when
+the bridge acknowledges end to end that Kafka has it.
+
+Layout: one diskcache ``Cache`` keyed by ``seq`` (an integer, so SQLite orders it), each
+value ``b"<stream>\\n<envelope json>"``, and the ``seq`` counter under the key ``"seq"`` in
+the same transaction, so ``seq`` is gapless and survives restarts. A single writer thread
+owns all writes: puts are grouped into one transaction per batch (group commit), so a
+``put`` returns only when its entry is durable while the fsync cost is shared.
+
+In memory we keep per stream the seqs not yet sent (FIFO) and the set of seqs in flight;
+payloads stay on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import sqlite3
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import diskcache
+
+from . import metrics
+from .config import STREAM_PRIORITY, STREAMS, OutboxConfig
+from .envelope import Draft, Envelope, build, encode, utc_now_iso
+
+log = logging.getLogger(__name__)
+
+_SEQ_KEY = "seq"
+_SYNCHRONOUS = {"always": 2, "batch": 2, "never": 0}  # SQLite PRAGMA synchronous: FULL / OFF
+_SIDECAR_EVERY = 1000  # the seq high-water mark beside the outbox is refreshed this often
+_CORRUPT_SEQ_MARGIN = 2 * _SIDECAR_EVERY
+
+
+_WAKE = object()  # queued to make the writer apply pending deletes
+
+
+class OutboxFull(Exception):
+    """The outbox is at ``max_bytes`` and its policy refuses the entry."""
+
+
+class OutboxClosed(Exception):
+    pass
+
+
+@dataclass
+class _Put:
+    draft: Draft
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class StoredEntry:
+    seq: int
+    stream: str
+    payload: bytes  # the envelope JSON
+
+
+def _pack(stream: str, payload: bytes) -> bytes:
+    return stream.encode() + b"\n" + payload
+
+
+def _unpack(value: bytes) -> tuple[str, bytes]:
+    stream, _, payload = value.partition(b"\n")
+    return stream.decode(), payload
+
+
+def seq_ranges(seqs: Iterable[int]) -> list[list[int]]:
+    """[1,2,3,7,8] -> [[1,3],[7,8]]."""
+    out: list[list[int]] = []
+    for s in sorted(set(seqs)):
+        if out and s == out[-1][1] + 1:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return out
+
+
+class Outbox:
+    def __init__(self, cfg: OutboxConfig, device_id: str):
+        self.cfg = cfg
+        self.device_id = device_id
+        self.path = Path(cfg.path)
+        self.reset_report: dict | None = None  # set when a corrupt outbox was moved aside
+        self._cache = self._open_or_reset()
+        self._lock = threading.Lock()  # guards the in-memory index below
+        self._unsent: dict[str, deque[int]] = {s: deque() for s in STREAMS}
+        self._inflight: dict[int, str] = {}
+        self._stream_of_pending: dict[int, str] = {}
+        self._bytes = 0
+        self._sizes: dict[int, int] = {}
+        self._ts: dict[int, float] = {}  # seq -> wall time stored (for the oldest age)
+        self._seq = 0
+        self._rebuild_index()
+        self._queue: "queue.Queue[_Put | object | None]" = queue.Queue()
+        self._deletes: "queue.Queue[list[int]]" = queue.Queue()
+        self._closed = False
+        self._wakeup = threading.Event()
+        self._writer = threading.Thread(target=self._write_loop, name="outbox-writer", daemon=True)
+        self._writer.start()
+        self._refresh_gauges()
+        if self.reset_report:
+            self._emit_reset_event()
+
+    # --- opening ----------------------------------------------------------------------
+
+    def _cache_settings(self) -> dict:
+        return dict(eviction_policy="none", cull_limit=0, size_limit=2**62, statistics=0,
+                    sqlite_synchronous=_SYNCHRONOUS[self.cfg.fsync], sqlite_journal_mode="wal")
+
+    def _sidecar(self) -> Path:
+        return self.path.with_name(self.path.name + ".seq")
+
+    def _open_or_reset(self) -> diskcache.Cache:
+        """Open the outbox; a corrupt one is moved aside so the agent starts instead of crash-looping."""
+        try:
+            cache = diskcache.Cache(str(self.path), **self._cache_settings())
+            self._probe(cache)
+            return cache
+        except (sqlite3.DatabaseError, OSError, ValueError) as e:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            log.error("outbox at %s cannot be opened (%s); moved aside to %s, starting a fresh one",
+                      self.path, e, aside)
+            if self.path.exists():
+                shutil.move(str(self.path), str(aside))
+            self.reset_report = {"path": str(self.path), "moved_to": str(aside), "error": str(e)}
+            cache = diskcache.Cache(str(self.path), **self._cache_settings())
+            # seq must not go back: continue above the last high-water mark we wrote beside it.
+            hwm = self._read_sidecar()
+            if hwm:
+                first = hwm + _CORRUPT_SEQ_MARGIN
+                cache.set(_SEQ_KEY, first)
+                self.reset_report["seq_skipped"] = [hwm + 1, first]
+            return cache
+
+    @staticmethod
+    def _probe(cache: diskcache.Cache) -> None:
+        # Touch the whole table once: a damaged page shows up here, not later in the writer.
+        row = cache._sql("PRAGMA quick_check").fetchone()  # noqa: SLF001 - diskcache exposes no check lite
+        if row and row[0] != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {row[0]}")
+
+    def _read_sidecar(self) -> int:
+        try:
+            return int(self._sidecar().read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _write_sidecar(self, seq: int) -> None:
+        tmp = self._sidecar().with_suffix(".tmp")
+        try:
+            tmp.write_text(str(seq))
+            os.replace(tmp, self._sidecar())
+        except OSError as e:  # best effort: only matters when the outbox itself is lost
+            log.warning("cannot write seq high-water mark: %s", e)
+
+    def _rebuild_index(self) -> None:
+        self._seq = int(self._cache.get(_SEQ_KEY, 0) or 0)
+        now = time.time()
+        for key in self._cache.iterkeys():
+            if not isinstance(key, int):
+                continue
+            value = self._cache.get(key)
+            if value is None:
+                continue
+            stream, payload = _unpack(value)
+            if stream not in self._unsent:
+                log.warning("outbox entry %s has unknown stream %r; kept, not sent", key, stream)
+                continue
+            self._unsent[stream].append(key)
+            self._stream_of_pending[key] = stream
+            self._sizes[key] = len(value)
+            self._ts[key] = now
+            self._bytes += len(value)
+            self._seq = max(self._seq, key)
+        self._seq = max(self._seq, self._read_sidecar() if self.reset_report else 0, self._seq)
+
+    def _emit_reset_event(self) -> None:
+        try:
+            self.put(Draft(stream="camera.events", type="outbox.reset", data=self.reset_report or {}))
+        except Exception:  # noqa: BLE001 - reporting must not stop the start
+            log.exception("cannot record the outbox reset")
+
+    @classmethod
+    def open_readonly(cls, cfg: OutboxConfig) -> "OutboxView":
+        return OutboxView(cfg)
+
+    # --- producing --------------------------------------------------------------------
+
+    def put(self, draft: Draft, timeout: float | None = 30.0) -> Envelope:
+        """Store one entry; returns once it is durable (per the fsync policy)."""
+        if draft.stream not in self._unsent:
+            raise ValueError(f"unknown stream {draft.stream!r}; one of {', '.join(STREAMS)}")
+        if self._closed:
+            raise OutboxClosed("outbox is closed")
+        item = _Put(draft)
+        self._queue.put(item)
+        return item.future.result(timeout=timeout)
+
+    def emit(self, draft: Draft) -> Envelope:
+        return self.put(draft)
+
+    # --- the writer thread ------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                self._apply_deletes()
+                return
+            batch = [first] if isinstance(first, _Put) else []
+            limit = 1 if self.cfg.fsync == "always" else self.cfg.batch_max
+            while len(batch) < limit:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                if isinstance(nxt, _Put):
+                    batch.append(nxt)
+            self._apply_deletes()
+            if batch:
+                self._commit_puts(batch)
+
+    def _commit_puts(self, batch: list[_Put]) -> None:
+        results: list[tuple[_Put, Envelope | BaseException]] = []
+        staged: list[tuple[int, str, int]] = []  # (seq, stream, size), indexed only once committed
+        overflow: dict[str, list[int]] = {}
+        first_seq = self._seq
+        try:
+            with self._cache.transact():
+                for item in batch:
+                    try:
+                        results.append((item, self._store_one(item.draft, staged, overflow)))
+                    except OutboxFull as e:
+                        results.append((item, e))
+                self._cache.set(_SEQ_KEY, self._seq)
+        except BaseException as e:  # noqa: BLE001 - a failed commit fails every put in it
+            log.error("outbox commit failed: %s", e)
+            self._seq = first_seq
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
+            return
+        with self._lock:
+            now = time.time()
+            for seq, stream, size in staged:
+                self._unsent[stream].append(seq)
+                self._stream_of_pending[seq] = stream
+                self._sizes[seq] = size
+                self._ts[seq] = now
+                self._bytes += size
+        if self._seq // _SIDECAR_EVERY != first_seq // _SIDECAR_EVERY:
+            self._write_sidecar(self._seq)
+        for item, res in results:
+            if isinstance(res, BaseException):
+                item.future.set_exception(res)
+            else:
+                item.future.set_result(res)
+        self._refresh_gauges()
+        self._wakeup.set()
+        if overflow:
+            self._report_overflow(overflow)
+
+    def _store_one(self, draft: Draft, staged: list[tuple[int, str, int]],
+                   overflow: dict[str, list[int]]) -> Envelope:
+        seq = self._seq + 1
+        env = build(self.device_id, seq, draft.type, draft.data, camera_id=draft.camera_id,
+                    trace_id=draft.trace_id, correlation_id=draft.correlation_id)
+        value = _pack(draft.stream, encode(env))
+        self._make_room(len(value) + sum(x[2] for x in staged), overflow)
+        self._cache.set(seq, value)
+        self._seq = seq
+        staged.append((seq, draft.stream, len(value)))
+        return env
+
+    def _make_room(self, size: int, overflow: dict[str, list[int]]) -> None:
+        """Drop the oldest entries of the lowest-priority stream until ``size`` fits."""
+        if self._bytes + size <= self.cfg.max_bytes:
+            return
+        if self.cfg.overflow == "refuse":
+            raise OutboxFull(f"outbox full ({self._bytes} of {self.cfg.max_bytes} bytes)")
+        for stream in STREAM_PRIORITY[:-1]:  # audit.logs is never dropped
+            while self._bytes + size > self.cfg.max_bytes:
+                victim = self._oldest_of(stream)
+                if victim is None:
+                    break
+                self._cache.delete(victim)
+                with self._lock:
+                    self._drop_from_index(victim)
+                overflow.setdefault(stream, []).append(victim)
+                metrics.OUTBOX_DROPPED.labels(stream=stream, reason="overflow").inc()
+            if self._bytes + size <= self.cfg.max_bytes:
+                return
+        raise OutboxFull(f"outbox full of audit records ({self._bytes} of {self.cfg.max_bytes} bytes)")
+
+    def _oldest_of(self, stream: str) -> int | None:
+        with self._lock:
+            # In-flight entries are older than the unsent ones of their stream; the window is small.
+            candidates = [s for s, st in self._inflight.items() if st == stream]
+            if self._unsent[stream]:
+                candidates.append(self._unsent[stream][0])
+            return min(candidates) if candidates else None
+
+    def _drop_from_index(self, seq: int) -> None:
+        stream = self._stream_of_pending.pop(seq, None)
+        if stream is None:
+            return
+        self._inflight.pop(seq, None)
+        q = self._unsent[stream]
+        if q and q[0] == seq:
+            q.popleft()
+        elif seq in q:
+            q.remove(seq)
+        self._bytes -= self._sizes.pop(seq, 0)
+        self._ts.pop(seq, None)
+
+    def _report_overflow(self, overflow: dict[str, list[int]]) -> None:
+        data = {"dropped": {s: seq_ranges(seqs) for s, seqs in overflow.items()},
+                "count": sum(len(v) for v in overflow.values()), "max_bytes": self.cfg.max_bytes}
+        log.warning("outbox overflow: dropped %d entries %s", data["count"], data["dropped"])
+        # Put asynchronously: we are on the writer thread, which must not wait for itself.
+        self._queue.put(_Put(Draft(stream="camera.events", type="outbox.overflow", data=data)))
+
+    # --- consuming (the uplink) -------------------------------------------------------
+
+    def take_unsent(self, limit: int) -> list[StoredEntry]:
+        """Up to ``limit`` entries not yet sent, highest-priority stream first, FIFO within a stream."""
+        picked: list[tuple[int, str]] = []
+        with self._lock:
+            for stream in reversed(STREAM_PRIORITY):
+                q = self._unsent[stream]
+                while q and len(picked) < limit:
+                    seq = q.popleft()
+                    self._inflight[seq] = stream
+                    picked.append((seq, stream))
+        out = []
+        for seq, stream in picked:
+            value = self._cache.get(seq)
+            if value is None:  # acked or dropped meanwhile
+                with self._lock:
+                    self._inflight.pop(seq, None)
+                continue
+            out.append(StoredEntry(seq, stream, _unpack(value)[1]))
+        return out
+
+    def get(self, seq: int) -> StoredEntry | None:
+        value = self._cache.get(seq)
+        if value is None:
+            return None
+        stream, payload = _unpack(value)
+        return StoredEntry(seq, stream, payload)
+
+    def requeue(self, seqs: Iterable[int]) -> None:
+        """In-flight entries go back to the front of their stream (after a reconnect)."""
+        with self._lock:
+            for seq in sorted(seqs, reverse=True):
+                stream = self._inflight.pop(seq, None)
+                if stream is not None and seq in self._stream_of_pending:
+                    self._unsent[stream].appendleft(seq)
+        self._wakeup.set()
+
+    def ack(self, seqs: Iterable[int]) -> int:
+        """Delete acknowledged entries; returns how many were still here."""
+        gone = []
+        with self._lock:
+            for seq in seqs:
+                if seq in self._stream_of_pending:
+                    self._drop_from_index(seq)
+                    gone.append(seq)
+        if gone:
+            self._deletes.put(gone)
+            self._queue.put(_WAKE)  # wake the writer so deletes do not wait for the next put
+            metrics.ACKED.inc(len(gone))
+            self._refresh_gauges()
+        return len(gone)
+
+    def _apply_deletes(self) -> None:
+        seqs: list[int] = []
+        while True:
+            try:
+                seqs.extend(self._deletes.get_nowait())
+            except queue.Empty:
+                break
+        if not seqs:
+            return
+        # A lost delete only means a duplicate send later, so no fsync is owed here.
+        with self._cache.transact():
+            for seq in seqs:
+                self._cache.delete(seq)
+
+    def wait_for_work(self, timeout: float) -> None:
+        self._wakeup.wait(timeout)
+        self._wakeup.clear()
+
+    # --- state ------------------------------------------------------------------------
+
+    def depth(self) -> int:
+        with self._lock:
+            return len(self._stream_of_pending)
+
+    def unsent_count(self) -> int:
+        with self._lock:
+            return sum(len(q) for q in self._unsent.values())
+
+    def stats(self) -> dict:
+        with self._lock:
+            by_stream = {s: 0 for s in STREAMS}
+            for st in self._stream_of_pending.values():
+                by_stream[st] += 1
+            oldest = min(self._ts.values(), default=None)
+            return {"depth": len(self._stream_of_pending), "bytes": self._bytes,
+                    "max_bytes": self.cfg.max_bytes, "inflight": len(self._inflight),
+                    "oldest_age_s": round(time.time() - oldest, 3) if oldest else 0.0,
+                    "next_seq": self._seq + 1, "by_stream": by_stream}
+
+    def _refresh_gauges(self) -> None:
+        st = self.stats()
+        for stream, n in st["by_stream"].items():
+            metrics.OUTBOX_DEPTH.labels(stream=stream).set(n)
+        metrics.OUTBOX_BYTES.set(st["bytes"])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._writer.join(timeout=30)
+        self._write_sidecar(self._seq)
+        self._cache.close()
+
+    def __enter__(self) -> "Outbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class OutboxView:
+    """A read-only look at an outbox on disk (``edge-agent outbox``), safe beside a running agent."""
+
+    def __init__(self, cfg: OutboxConfig):
+        self.cfg = cfg
+        self._cache = diskcache.Cache(str(cfg.path), eviction_policy="none", cull_limit=0, size_limit=2**62)
+
+    def stats(self) -> dict:
+        by_stream = {s: {"depth": 0, "bytes": 0} for s in STREAMS}
+        oldest_ts: str | None = None
+        oldest_seq: int | None = None
+        for key in self._cache.iterkeys():
+            if not isinstance(key, int):
+                continue
+            value = self._cache.get(key)
+            if value is None:
+                continue
+            stream, payload = _unpack(value)
+            slot = by_stream.setdefault(stream, {"depth": 0, "bytes": 0})
+            slot["depth"] += 1
+            slot["bytes"] += len(value)
+            if oldest_seq is None or key < oldest_seq:
+                oldest_seq = key
+                oldest_ts = Envelope.model_validate_json(payload).ts
+        age = 0.0
+        if oldest_ts:
+            from datetime import datetime
+
+            age = round(time.time() - datetime.fromisoformat(oldest_ts.replace("Z", "+00:00")).timestamp(), 3)
+        return {"path": str(self.cfg.path), "depth": sum(v["depth"] for v in by_stream.values()),
+                "bytes": sum(v["bytes"] for v in by_stream.values()), "max_bytes": self.cfg.max_bytes,
+                "oldest_age_s": age, "oldest_seq": oldest_seq,
+                "last_seq": int(self._cache.get(_SEQ_KEY, 0) or 0), "by_stream": by_stream,
+                "now": utc_now_iso()}
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def __enter__(self) -> "OutboxView":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
