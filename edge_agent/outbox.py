@@ -40,6 +40,7 @@ _SEQ_KEY = "seq"
 _SYNCHRONOUS = {"always": 2, "batch": 2, "never": 0}  # SQLite PRAGMA synchronous: FULL / OFF
 _SIDECAR_EVERY = 1000  # the seq high-water mark beside the outbox is refreshed this often
 _CORRUPT_SEQ_MARGIN = 2 * _SIDECAR_EVERY
+_OVERFLOW_REPORT_EVERY_S = 1.0  # overflow reports are coalesced: they take room themselves
 
 
 _WAKE = object()  # queued to make the writer apply pending deletes
@@ -105,6 +106,8 @@ class Outbox:
         self._queue: "queue.Queue[_Put | object | None]" = queue.Queue()
         self._deletes: "queue.Queue[list[int]]" = queue.Queue()
         self._closed = False
+        self._overflow_pending: dict[str, list[int]] = {}
+        self._overflow_reported_at = 0.0
         self._wakeup = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="outbox-writer", daemon=True)
         self._writer.start()
@@ -214,9 +217,14 @@ class Outbox:
 
     def _write_loop(self) -> None:
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=_OVERFLOW_REPORT_EVERY_S)
+            except queue.Empty:
+                self._maybe_report_overflow()
+                continue
             if first is None:
                 self._apply_deletes()
+                self._maybe_report_overflow(final=True)
                 return
             batch = [first] if isinstance(first, _Put) else []
             limit = 1 if self.cfg.fsync == "always" else self.cfg.batch_max
@@ -236,7 +244,8 @@ class Outbox:
 
     def _commit_puts(self, batch: list[_Put]) -> None:
         results: list[tuple[_Put, Envelope | BaseException]] = []
-        staged: list[tuple[int, str, int]] = []  # (seq, stream, size), indexed only once committed
+        # (seq, stream, size, bytes staged so far): indexed only once committed
+        staged: list[tuple[int, str, int, int]] = []
         overflow: dict[str, list[int]] = {}
         first_seq = self._seq
         try:
@@ -256,7 +265,7 @@ class Outbox:
             return
         with self._lock:
             now = time.time()
-            for seq, stream, size in staged:
+            for seq, stream, size, _ in staged:
                 self._unsent[stream].append(seq)
                 self._stream_of_pending[seq] = stream
                 self._sizes[seq] = size
@@ -271,19 +280,21 @@ class Outbox:
                 item.future.set_result(res)
         self._refresh_gauges()
         self._wakeup.set()
-        if overflow:
-            self._report_overflow(overflow)
+        for stream, seqs in overflow.items():
+            self._overflow_pending.setdefault(stream, []).extend(seqs)
+        self._maybe_report_overflow()
 
-    def _store_one(self, draft: Draft, staged: list[tuple[int, str, int]],
+    def _store_one(self, draft: Draft, staged: list[tuple[int, str, int, int]],
                    overflow: dict[str, list[int]]) -> Envelope:
         seq = self._seq + 1
         env = build(self.device_id, seq, draft.type, draft.data, camera_id=draft.camera_id,
                     trace_id=draft.trace_id, correlation_id=draft.correlation_id)
         value = _pack(draft.stream, encode(env))
-        self._make_room(len(value) + sum(x[2] for x in staged), overflow)
+        staged_bytes = staged[-1][3] if staged else 0
+        self._make_room(len(value) + staged_bytes, overflow)
         self._cache.set(seq, value)
         self._seq = seq
-        staged.append((seq, draft.stream, len(value)))
+        staged.append((seq, draft.stream, len(value), staged_bytes + len(value)))
         return env
 
     def _make_room(self, size: int, overflow: dict[str, list[int]]) -> None:
@@ -327,12 +338,18 @@ class Outbox:
         self._bytes -= self._sizes.pop(seq, 0)
         self._ts.pop(seq, None)
 
-    def _report_overflow(self, overflow: dict[str, list[int]]) -> None:
-        data = {"dropped": {s: seq_ranges(seqs) for s, seqs in overflow.items()},
-                "count": sum(len(v) for v in overflow.values()), "max_bytes": self.cfg.max_bytes}
+    def _maybe_report_overflow(self, final: bool = False) -> None:
+        """Store one ``outbox.overflow`` event naming the dropped seq ranges, at most once a second."""
+        now = time.monotonic()
+        if not self._overflow_pending or (not final and now - self._overflow_reported_at < _OVERFLOW_REPORT_EVERY_S):
+            return
+        pending, self._overflow_pending = self._overflow_pending, {}
+        self._overflow_reported_at = now
+        data = {"dropped": {s: seq_ranges(seqs) for s, seqs in pending.items()},
+                "count": sum(len(v) for v in pending.values()), "max_bytes": self.cfg.max_bytes}
         log.warning("outbox overflow: dropped %d entries %s", data["count"], data["dropped"])
-        # Put asynchronously: we are on the writer thread, which must not wait for itself.
-        self._queue.put(_Put(Draft(stream="camera.events", type="outbox.overflow", data=data)))
+        # We are on the writer thread: commit the report here rather than wait on our own queue.
+        self._commit_puts([_Put(Draft(stream="camera.events", type="outbox.overflow", data=data))])
 
     # --- consuming (the uplink) -------------------------------------------------------
 
