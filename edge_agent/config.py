@@ -250,6 +250,7 @@ class TokenConfig(Strict):
 class BridgeHttpConfig(HttpConfig):
     listen: str = Field("127.0.0.1:8080", pattern=r"^.+:\d{1,5}$")
     tokens: list[TokenConfig] = []
+    device_id: str | None = None  # envelope device_id of API publishes; default: mqtt.client_id
 
 
 class BridgeConfig(Strict):

@@ -1,0 +1,258 @@
+"""The bridge HTTP API: roles, publish, status shape, DLQ retry.
+
+Unit tests drive the app with a fake bridge (one class under test); the queue-admin
+tests run against the real Kafka-protocol broker (Tansu or EDGE_TEST_KAFKA).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+from brokers import consume_all, create_topics, wait_for
+from confluent_kafka import Consumer, Producer, TopicPartition
+from fastapi.testclient import TestClient
+
+from edge_agent.api import create_app
+from edge_agent.config import BridgeConfig
+from edge_agent.envelope import Envelope
+from edge_agent.queue_admin import KafkaQueueAdmin, RetryResult, TopicStatus
+
+TOKENS = {"T_ADMIN": ("admin-secret", "admin"), "T_SYSTEM": ("system-secret", "system"),
+          "T_AUDITOR": ("auditor-secret", "auditor")}
+
+
+def auth(role: str) -> dict[str, str]:
+    token = {r: t for t, r in TOKENS.values()}[role]
+    return {"Authorization": f"Bearer {token}"}
+
+
+class FakeBridge:
+    """Records what the API submits; ``outcome`` decides how the Kafka confirmation ends."""
+
+    def __init__(self, cfg: BridgeConfig, outcome: str = "ok"):
+        self.config = cfg
+        self.outcome = outcome
+        self.submitted: list[tuple[str, Envelope, str | None]] = []
+
+    def submit(self, kafka_topic: str, envelope: Envelope, *, key: str | None = None) -> Future:
+        self.submitted.append((kafka_topic, envelope, key))
+        fut: Future = Future()
+        if self.outcome == "ok":
+            fut.set_result(None)
+        elif self.outcome == "fail":
+            fut.set_exception(RuntimeError("MSG_SIZE_TOO_LARGE"))
+        return fut  # "hang": never resolves
+
+    def health(self) -> dict:
+        return {"mqtt": {"connected": True}, "kafka": {"connected": False}}
+
+
+class FakeInspector:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def status(self, topics: list[str]) -> list[TopicStatus]:
+        self.calls.append(("status", tuple(topics)))
+        return [TopicStatus(topic=t, lag=0, consumerCount=0, dlqSize=0) for t in topics]
+
+    def retry_dead_letters(self, topic: str, max_messages: int) -> RetryResult:
+        self.calls.append(("retry", topic, max_messages))
+        return RetryResult(retried=0, errors=0)
+
+
+@pytest.fixture
+def bridge_cfg(monkeypatch: pytest.MonkeyPatch) -> BridgeConfig:
+    for env, (token, _role) in TOKENS.items():
+        monkeypatch.setenv(env, token)
+    return BridgeConfig.model_validate({
+        "http": {"tokens": [{"token_env": env, "role": role} for env, (_t, role) in TOKENS.items()]
+                 + [{"token_env": "T_UNSET", "role": "admin"}]},
+        "topics": {"camera.events": "camera.events", "notifications": "central.notifications"},
+        "max_message_bytes": 2000,
+    })
+
+
+def make_client(cfg: BridgeConfig, outcome: str = "ok", timeout: float = 30.0) -> tuple[TestClient, FakeBridge, FakeInspector]:
+    bridge, inspector = FakeBridge(cfg, outcome), FakeInspector()
+    return TestClient(create_app(bridge, inspector, confirm_timeout_s=timeout)), bridge, inspector
+
+
+PUBLISH = ("post", "/api/v1/queue/publish", {"topic": "camera.events", "message": {"type": "door.open"}})
+STATUS = ("get", "/api/v1/queue/status", None)
+RETRY = ("post", "/api/v1/queue/dlq/retry", {"topic": "camera.events"})
+
+
+@pytest.mark.parametrize("role,call,expected", [
+    ("admin", PUBLISH, 200), ("admin", STATUS, 200), ("admin", RETRY, 200),
+    ("system", PUBLISH, 200), ("system", STATUS, 403), ("system", RETRY, 403),
+    ("auditor", PUBLISH, 403), ("auditor", STATUS, 200), ("auditor", RETRY, 403),
+])
+def test_roles_decide_what_a_token_may_do(bridge_cfg: BridgeConfig, role: str, call: tuple, expected: int) -> None:
+    client, bridge, inspector = make_client(bridge_cfg)
+    method, path, body = call
+    r = client.request(method, path, json=body, headers=auth(role))
+    assert r.status_code == expected, r.text
+    if expected == 403:
+        assert r.json()["status"] == "error" and role in r.json()["error"]
+        assert not bridge.submitted and not inspector.calls  # refused before doing anything
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic YWRtaW4="},
+                                     {"Authorization": "Bearer "}])
+@pytest.mark.parametrize("call", [PUBLISH, STATUS, RETRY])
+def test_missing_or_unknown_token_is_401(bridge_cfg: BridgeConfig, headers: dict, call: tuple) -> None:
+    client, bridge, _ = make_client(bridge_cfg)
+    method, path, body = call
+    r = client.request(method, path, json=body, headers=headers)
+    assert r.status_code == 401
+    assert r.headers.get("www-authenticate") == "Bearer"
+    assert not bridge.submitted
+
+
+def test_healthz_metrics_and_openapi_need_no_token(bridge_cfg: BridgeConfig) -> None:
+    client, _, _ = make_client(bridge_cfg)
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json()["mqtt"] == {"connected": True}
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and "edge_bridge_received_total" in metrics.text
+    spec = client.get("/openapi.json").json()
+    assert {"/api/v1/queue/publish", "/api/v1/queue/status", "/api/v1/queue/dlq/retry"} <= set(spec["paths"])
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_publish_wraps_the_message_in_an_envelope(bridge_cfg: BridgeConfig) -> None:
+    client, bridge, _ = make_client(bridge_cfg)
+    first = client.post("/api/v1/queue/publish", headers={**auth("system"), "X-Correlation-ID": "req-42"},
+                        json={"topic": "notifications", "message": {"type": "door.open", "camera_id": "cam-9", "n": 1},
+                              "key": "door-1"})
+    second = client.post("/api/v1/queue/publish", headers=auth("admin"),
+                         json={"topic": "camera.events", "message": {"type": 7}})
+    assert first.status_code == 200 and second.status_code == 200
+    (t1, env1, key1), (t2, env2, key2) = bridge.submitted
+    assert first.json() == {"status": "ok", "messageId": env1.id, "traceId": env1.trace_id, "error": None}
+    assert first.headers["X-Trace-ID"] == env1.trace_id
+    assert (t1, key1) == ("central.notifications", "door-1")  # the mapped Kafka topic, the caller's key
+    assert (env1.type, env1.camera_id, env1.correlation_id) == ("door.open", "cam-9", "req-42")
+    assert env1.data == {"type": "door.open", "camera_id": "cam-9", "n": 1}
+    assert env1.device_id == bridge_cfg.mqtt.client_id
+    assert (t2, key2, env2.type, env2.correlation_id) == ("camera.events", None, "external", None)
+    assert (env1.seq, env2.seq) == (1, 2)  # a process counter from 1
+    assert env1.trace_id != env2.trace_id
+
+
+@pytest.mark.parametrize("body,code,fragment", [
+    ({"topic": "nope", "message": {}}, 400, "not mapped"),
+    ({"topic": "camera.events", "message": [1, 2]}, 422, "message"),
+    ({"topic": "camera.events", "message": "text"}, 422, "message"),
+    ({"topic": "camera.events"}, 422, "message"),
+    ({"topic": "camera.events", "message": {}, "extra": 1}, 422, "extra"),
+    ({"topic": "camera.events", "message": {"blob": "x" * 5000}}, 413, "larger"),
+])
+def test_bad_publish_bodies_get_a_clear_4xx_and_nothing_is_sent(bridge_cfg: BridgeConfig, body: dict, code: int,
+                                                                fragment: str) -> None:
+    client, bridge, _ = make_client(bridge_cfg)
+    r = client.post("/api/v1/queue/publish", headers=auth("admin"), json=body)
+    assert r.status_code == code, r.text
+    assert r.json()["status"] == "error" and fragment in r.json()["error"]
+    assert not bridge.submitted
+    # a refused body does not use up a seq: the next good one is still 1
+    ok = client.post("/api/v1/queue/publish", headers=auth("admin"), json={"topic": "camera.events", "message": {}})
+    assert ok.status_code == 200 and bridge.submitted[-1][1].seq == 1
+
+
+def test_publish_reports_kafka_failure_and_timeout_with_the_message_id(bridge_cfg: BridgeConfig) -> None:
+    client, bridge, _ = make_client(bridge_cfg, outcome="fail")
+    r = client.post("/api/v1/queue/publish", headers=auth("admin"), json={"topic": "camera.events", "message": {}})
+    assert r.status_code == 502 and "MSG_SIZE_TOO_LARGE" in r.json()["error"]
+    assert r.json()["messageId"] == bridge.submitted[0][1].id
+    client, bridge, _ = make_client(bridge_cfg, outcome="hang", timeout=0.2)
+    r = client.post("/api/v1/queue/publish", headers=auth("admin"), json={"topic": "camera.events", "message": {}})
+    assert r.status_code == 504 and r.json()["messageId"] == bridge.submitted[0][1].id
+
+
+def test_status_and_retry_validate_topics(bridge_cfg: BridgeConfig) -> None:
+    client, _, inspector = make_client(bridge_cfg)
+    everything = client.get("/api/v1/queue/status", headers=auth("auditor"))
+    assert [s["topic"] for s in everything.json()] == ["camera.events", "central.notifications"]
+    one = client.get("/api/v1/queue/status", params={"topic": "dlq"}, headers=auth("auditor"))
+    assert one.status_code == 200 and set(one.json()[0]) >= {"topic", "lag", "consumerCount", "dlqSize"}
+    assert client.get("/api/v1/queue/status", params={"topic": "x"}, headers=auth("admin")).status_code == 404
+    assert client.post("/api/v1/queue/dlq/retry", json={"topic": "dlq"}, headers=auth("admin")).status_code == 400
+    assert client.post("/api/v1/queue/dlq/retry", json={"topic": "camera.events", "maxMessages": 0},
+                       headers=auth("admin")).status_code == 422
+    r = client.post("/api/v1/queue/dlq/retry", json={"topic": "camera.events", "maxMessages": 7}, headers=auth("admin"))
+    assert r.json() == {"retried": 0, "errors": 0, "skipped": 0}
+    assert ("retry", "camera.events", 7) in inspector.calls
+
+
+# --- queue admin over the real Kafka protocol ---------------------------------------------------
+
+def _produce_one_by_one(kafka, topic: str, n: int) -> None:
+    """One record per batch: the test broker's high watermark is only right for such batches."""
+    producer = Producer(kafka.client_config())
+    for i in range(n):
+        producer.produce(topic, value=json.dumps({"i": i}).encode(), partition=0)
+        assert producer.flush(10) == 0
+
+
+def _dead_letter(producer: Producer, dlq: str, source: str, reason: str, value: bytes) -> None:
+    producer.produce(dlq, value=value, key=b"gw-1/cam-1", headers=[
+        ("message-id", uuid.uuid4().hex.encode()), ("dlq-reason", reason.encode()), ("dlq-error", b"boom"),
+        ("dlq-source-topic", source.encode()), ("dlq-attempts", b"5"),
+        ("dlq-first-failed-at", b"2026-11-26T06:00:00.000Z")])
+
+
+@pytest.mark.timeout(90)
+def test_status_reports_group_lag_and_dead_letters(kafka, unique_topic: str) -> None:
+    topic, other, dlq = unique_topic, unique_topic + "-other", unique_topic + "-dlq"
+    create_topics(kafka, [topic, other, dlq], partitions=1)
+    _produce_one_by_one(kafka, topic, 5)
+    group = f"readers-{uuid.uuid4().hex[:6]}"
+    reader = Consumer({**kafka.client_config(), "group.id": group, "enable.auto.commit": False})
+    reader.commit(offsets=[TopicPartition(topic, 0, 2)], asynchronous=False)  # read 2 of 5
+    reader.close()
+    producer = Producer(kafka.client_config())
+    for i in range(3):
+        _dead_letter(producer, dlq, topic, "retries_exhausted", b"{}")
+    _dead_letter(producer, dlq, other, "invalid_json", b"not json")
+    assert producer.flush(10) == 0
+
+    admin = KafkaQueueAdmin(kafka.client_config(), dlq)
+    mine, theirs = wait_for(lambda: (s := admin.status([topic, other])) and s[0].dlqSize == 3 and s, 20,
+                            message="status shows the dead letters")
+    assert (mine.topic, mine.lag, mine.dlqSize) == (topic, 3, 3)
+    assert [(g.group, g.lag) for g in mine.groups] == [(group, 3)]
+    assert (theirs.lag, theirs.dlqSize, theirs.groups) == (0, 1, [])
+    # This broker leaves DescribeGroups members empty, so there is nobody to count; a real Kafka
+    # (EDGE_TEST_KAFKA) reports the members of active groups.
+    assert mine.consumerCount >= 0
+
+
+@pytest.mark.timeout(90)
+def test_dlq_retry_round_trip_sends_each_letter_once(kafka, unique_topic: str) -> None:
+    topic, dlq = unique_topic, unique_topic + "-dlq"
+    create_topics(kafka, [topic, dlq], partitions=1)
+    producer = Producer(kafka.client_config())
+    for i in range(3):
+        _dead_letter(producer, dlq, topic, "retries_exhausted", json.dumps({"n": i}).encode())
+    _dead_letter(producer, dlq, topic, "invalid_json", b"{oops")  # poison stays in the DLQ
+    _dead_letter(producer, dlq, "elsewhere", "retries_exhausted", b"{}")  # another topic's letter
+    assert producer.flush(10) == 0
+
+    admin = KafkaQueueAdmin(kafka.client_config(), dlq)
+    assert admin.retry_dead_letters(topic, max_messages=2) == RetryResult(retried=2, errors=0, skipped=0)
+    assert admin.retry_dead_letters(topic, max_messages=10) == RetryResult(retried=1, errors=0, skipped=1)
+    assert admin.retry_dead_letters(topic, max_messages=10) == RetryResult(retried=0, errors=0, skipped=0)
+
+    records = consume_all(kafka, topic, 3, timeout=20, settle_s=0.5)
+    assert sorted(r.json()["n"] for r in records) == [0, 1, 2]
+    for r in records:
+        assert r.key == b"gw-1/cam-1"
+        assert r.headers["dlq-source-topic"] == topic.encode() and r.headers["dlq-reason"] == b"retries_exhausted"
+        assert r.headers["dlq-retried-at"].endswith(b"Z")
+    # the DLQ keeps every letter: retry copies, it does not delete
+    assert admin.count_dead_letters({topic}) == {topic: 4}
