@@ -1,0 +1,737 @@
+"""The MQTT -> Kafka bridge (``edge-agent bridge -c bridge.yaml``).
+
+Two threads, each owning one client:
+
+* the MQTT thread runs the paho loop by hand. It reads only while fewer than
+  ``max_inflight`` messages are unsettled (Mosquitto issue #2301: one PUBACK can
+  release a whole new window, so the broker's receive maximum is not a bound),
+  validates each message and hands it to the producer;
+* the poll thread serves the producer's delivery reports: it PUBACKs the MQTT
+  message (manual ack) only once Kafka has the record or its dead letter,
+  batches the end-to-end acks, re-sends failed records with backoff and
+  replaces a stalled producer.
+
+Policy for failures (see README "The bridge"):
+
+* a record that times out or is purged (broker down, broker stuck) is not
+  poison: it is sent again and never counts as an attempt, so an outage holds
+  acks and does not fill the DLQ;
+* an error the broker returns about the record counts as an attempt; retriable
+  ones are retried with exponential backoff and jitter up to
+  ``retry.max_attempts`` (then ``retries_exhausted``), the others are
+  dead-lettered at once (``rejected``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import random
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import paho.mqtt.client as mqtt
+from confluent_kafka import KafkaError, KafkaException, Producer
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from pydantic import ValidationError
+
+from . import logs
+from .config import BridgeConfig, ConfigError, RetryConfig, env_secret, load_bridge, missing_secrets
+from .envelope import Envelope, encode, utc_now_iso
+from .kafka_io import dlq_headers, is_records_fault, kafka_client_config, producer_config
+from .metrics import (BRIDGE_DELIVERY_SECONDS, BRIDGE_DLQ, BRIDGE_DUPLICATES, BRIDGE_INFLIGHT, BRIDGE_PRODUCED,
+                      BRIDGE_RECEIVED, BRIDGE_RETRIES, exposition)
+
+__all__ = ["Bridge", "DeadLettered", "kafka_client_config", "run_bridge", "classify", "merge_ranges"]
+
+log = logging.getLogger("edge_agent.bridge")
+
+# A too-large message cannot go to Kafka whole; its dead letter keeps this much.
+TOO_LARGE_KEEP_BYTES = 64 * 1024
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+
+
+# --- pure helpers --------------------------------------------------------------------------------
+
+def merge_ranges(seqs: Iterable[int]) -> list[list[int]]:
+    """[5, 1, 2, 3, 7, 6] -> [[1, 3], [5, 7]]: the e2e ack's compact form."""
+    out: list[list[int]] = []
+    for s in sorted(set(seqs)):
+        if out and s == out[-1][1] + 1:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return out
+
+
+def retry_delay(attempt: int, cfg: RetryConfig, rng: random.Random | None = None) -> float:
+    """Seconds before attempt ``attempt + 1``: exponential (or fixed), capped, with equal jitter."""
+    base = cfg.delay_s * (2 ** (attempt - 1) if cfg.backoff == "exponential" else 1)
+    base = min(base, cfg.max_delay_s)
+    # Half fixed, half random: spread the retries of many records without ever retrying at once.
+    return base / 2 + (rng or random).uniform(0, base / 2)
+
+
+def parse_uplink_topic(topic: str, prefix: str) -> tuple[str, str] | None:
+    """``<prefix>/<device>/up/<stream>`` -> (device, stream); anything else -> None."""
+    head = prefix + "/"
+    if not topic.startswith(head):
+        return None
+    parts = topic[len(head):].split("/")
+    if len(parts) != 3 or parts[1] != "up" or not parts[0] or not parts[2]:
+        return None
+    return parts[0], parts[2]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    envelope: Envelope
+    kafka_topic: str
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: str  # invalid_json | invalid_envelope | device_mismatch | unmapped_topic | too_large
+    error: str
+    device: str | None  # the topic's device, if the topic names one
+    seq: int | None  # a seq that device may be waiting to see acked
+
+
+def classify(topic: str, payload: bytes, cfg: BridgeConfig) -> Accepted | Rejected:
+    """Decide what one MQTT message is: a record for Kafka or a dead letter (with its reason)."""
+    parsed = parse_uplink_topic(topic, cfg.mqtt.topic_prefix)
+    device = parsed[0] if parsed else None
+    if len(payload) > cfg.max_message_bytes:
+        return Rejected("too_large", f"{len(payload)} bytes > max_message_bytes {cfg.max_message_bytes}",
+                        device, _seq_of(payload, device))
+    if parsed is None or parsed[1] not in cfg.topics:
+        return Rejected("unmapped_topic", f"no Kafka topic for MQTT topic {topic!r} (known streams: "
+                        f"{', '.join(sorted(cfg.topics))})", device, _seq_of(payload, device))
+    try:
+        env = Envelope.model_validate_json(payload)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        if any(err["type"] == "json_invalid" for err in errors):
+            return Rejected("invalid_json", errors[0]["msg"], device, None)
+        return Rejected("invalid_envelope", _summarise(errors), device, _seq_of(payload, device))
+    if env.device_id != device:
+        # Spoofing or a misconfigured agent; its seq belongs to nobody we can ack.
+        return Rejected("device_mismatch", f"payload device_id {env.device_id!r} != topic device {device!r}",
+                        device, None)
+    return Accepted(env, cfg.topics[parsed[1]], device)
+
+
+def _summarise(errors: list[Any]) -> str:
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in errors[:5]]
+    return "; ".join(parts)
+
+
+def _seq_of(payload: bytes, device: str | None) -> int | None:
+    """The seq of a rejected payload, when it is the topic device's own (so the device can stop re-sending)."""
+    if device is None:
+        return None
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(obj, dict) or obj.get("device_id") != device:
+        return None
+    seq = obj.get("seq")
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 1 else None
+
+
+class RecentIds:
+    """The ids Kafka confirmed most recently, at most ``size`` of them (oldest forgotten first)."""
+
+    def __init__(self, size: int):
+        self._size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, id_: str) -> bool:
+        return id_ in self._ids
+
+    def add(self, id_: str) -> None:
+        if self._size == 0:
+            return
+        self._ids[id_] = None
+        self._ids.move_to_end(id_)
+        while len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+
+
+class AckBatcher:
+    """End-to-end acks waiting to be published, per device; due by size or by age."""
+
+    def __init__(self, interval_s: float, batch: int):
+        self._interval_s = interval_s
+        self._batch = batch
+        self._seqs: dict[str, list[int]] = {}
+        self._count = 0
+        self._oldest = 0.0
+
+    def add(self, device: str, seq: int, now: float) -> None:
+        if self._count == 0:
+            self._oldest = now
+        self._seqs.setdefault(device, []).append(seq)
+        self._count += 1
+
+    def due_in(self, now: float) -> float:
+        """Seconds until the next publish is due (inf when nothing waits)."""
+        if self._count == 0:
+            return float("inf")
+        if self._count >= self._batch:
+            return 0.0
+        return max(0.0, self._oldest + self._interval_s - now)
+
+    def take(self) -> dict[str, list[list[int]]]:
+        out = {device: merge_ranges(seqs) for device, seqs in self._seqs.items()}
+        self._seqs.clear()
+        self._count = 0
+        return out
+
+
+# --- the records in flight -----------------------------------------------------------------------
+
+@dataclass(eq=False, slots=True)
+class Record:
+    """One Kafka record on its way, and what to settle once Kafka has it."""
+
+    topic: str  # where it goes now (the DLQ topic once dead-lettered)
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    source: str  # the MQTT topic it came from, or "api"
+    received: float  # time.monotonic() at arrival
+    mids: list[tuple[int, int]] = field(default_factory=list)  # (MQTT connection number, mid) to PUBACK
+    device: str | None = None  # who gets the end-to-end ack ...
+    seq: int | None = None  # ... for this seq
+    envelope_id: str | None = None
+    future: Future | None = None
+    dead: str | None = None  # the dlq-reason once dead-lettered
+    attempts: int = 0
+    first_failed_at: str | None = None
+
+
+class DeadLettered(Exception):
+    """A submitted record ended in the dead letter topic instead of its own."""
+
+    def __init__(self, reason: str, error: str):
+        super().__init__(f"dead-lettered ({reason}): {error}")
+        self.reason = reason
+        self.error = error
+
+
+_RUNNING, _DRAINING, _DONE = "running", "draining", "done"
+
+
+class Bridge:
+    """MQTT (shared subscription, manual ack) -> validated -> Kafka (idempotent), with e2e acks."""
+
+    def __init__(self, cfg: BridgeConfig):
+        self.config = cfg
+        self._cfg = cfg
+        self._lock = threading.RLock()  # guards the bookkeeping below and the producer handle
+        self._room = threading.Condition(self._lock)  # signalled when in-flight work settles
+        self._phase = _RUNNING
+        self._inflight = 0  # MQTT messages received, not yet PUBACKed
+        self._api_pending = 0
+        self._by_id: dict[str, Record] = {}  # envelope id -> record not yet confirmed
+        self._recent = RecentIds(cfg.dedupe_window)
+        self._acks = AckBatcher(cfg.ack_interval_ms / 1000, cfg.ack_batch)
+        self._retries: list[tuple[float, int, Record]] = []  # heap of (due, tiebreak, record)
+        self._tiebreak = itertools.count()
+        self._conn = 0  # MQTT connection number: mids of older connections are not ours to ack
+        self._mqtt_connected = False
+        self._kafka_connected = False
+        self._last_report = time.monotonic()
+        self._progress_at = time.monotonic()
+        self._stall_recreations = 0
+        self._producer_broken = False  # a fatal producer error: replace it at once
+        self._outage_logged_at = 0.0
+        self._producer_cfg = producer_config(cfg.kafka)
+        self._producer_cfg.setdefault("message.max.bytes", max(1_000_000, cfg.max_message_bytes + 65536))
+        self._producer = self._new_producer()
+        self._client = self._new_mqtt_client()
+        self._mqtt_thread = threading.Thread(target=self._mqtt_loop, name="bridge-mqtt", daemon=True)
+        self._poll_thread = threading.Thread(target=self._poll_loop, name="bridge-kafka", daemon=True)
+        self._poll_stop = threading.Event()
+
+    # --- public --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._mqtt_thread.start()
+        self._poll_thread.start()
+        log.info("bridge started", extra={"topic": self.subscription})
+
+    @property
+    def subscription(self) -> str:
+        m = self._cfg.mqtt
+        return f"$share/{m.share_group}/{m.topic_prefix}/+/up/#"
+
+    def submit(self, kafka_topic: str, envelope: Envelope, *, key: str | None = None) -> Future:
+        """Send an envelope to Kafka on the same path as MQTT traffic (retry, backoff, DLQ).
+
+        The future resolves to ``{"topic", "partition", "offset"}`` once Kafka confirms,
+        or fails with DeadLettered once the record went to the DLQ instead.
+        """
+        future: Future = Future()
+        rec = Record(topic=kafka_topic, key=(key or envelope.kafka_key).encode(), value=encode(envelope),
+                     headers=envelope.kafka_headers(), source="api", received=time.monotonic(),
+                     envelope_id=envelope.id, future=future)
+        with self._lock:
+            if self._phase != _RUNNING:
+                raise RuntimeError("the bridge is shutting down")
+            self._api_pending += 1
+            self._send(rec)
+        return future
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            return {"mqtt": {"connected": self._mqtt_connected},
+                    "kafka": {"connected": self._kafka_connected},
+                    "inflight": self._inflight + self._api_pending}
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop reading, let Kafka confirm what is in flight, ack it, disconnect. True if all settled."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._phase = _DRAINING
+            self._room.notify_all()
+            while self._inflight + self._api_pending > 0 and time.monotonic() < deadline:
+                self._room.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            settled = self._inflight + self._api_pending == 0
+        if not settled:
+            log.warning("stopping with %d messages unsettled: the broker will deliver them again",
+                        self._inflight + self._api_pending)
+        self._poll_stop.set()
+        self._poll_thread.join(timeout=5)
+        self._publish_e2e_acks()  # whatever the poll thread had not published yet
+        with self._lock:
+            self._phase = _DONE
+            self._room.notify_all()
+        self._mqtt_thread.join(timeout=max(2.0, deadline - time.monotonic()))
+        self._producer.flush(1.0)
+        log.info("bridge stopped", extra={"topic": self.subscription})
+        return settled
+
+    # --- MQTT side -----------------------------------------------------------------------------
+
+    def _new_mqtt_client(self) -> mqtt.Client:
+        m = self._cfg.mqtt
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv5,
+                             manual_ack=True)
+        if m.tls is not None:
+            client.tls_set(ca_certs=str(m.tls.ca) if m.tls.ca else None,
+                           certfile=str(m.tls.cert) if m.tls.cert else None,
+                           keyfile=str(m.tls.key) if m.tls.key else None)
+            client.tls_insecure_set(m.tls.insecure)
+        if m.username:
+            client.username_pw_set(m.username, env_secret(m.password_env))
+        client.max_inflight_messages_set(1000)  # our own QoS 1 publishes: the e2e acks
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        # All socket I/O stays in the MQTT thread: with this hook set, paho only queues packets
+        # that other threads (acks from the poll thread) hand it, and wakes the loop.
+        client.on_socket_register_write = lambda *_: None
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = m.session_expiry_s
+        props.ReceiveMaximum = m.receive_maximum
+        client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=False, properties=props)
+        return client
+
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            log.error("MQTT broker refused the connection: %s", reason)
+            return
+        with self._lock:
+            self._conn += 1
+            self._mqtt_connected = True
+        client.subscribe(self.subscription, options=SubscribeOptions(qos=1))
+        log.info("MQTT connected (session present: %s)", flags.session_present, extra={"topic": self.subscription})
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        with self._lock:
+            self._mqtt_connected = False
+        if self._phase != _DONE:
+            log.warning("MQTT disconnected: %s", reason)
+
+    def _reading_allowed(self) -> bool:
+        return self._phase == _RUNNING and self._inflight < self._cfg.max_inflight
+
+    def _mqtt_loop(self) -> None:
+        backoff = self._cfg.mqtt.reconnect_min_s
+        while self._phase != _DONE:
+            if not self._mqtt_connected and not self._connect_once():
+                with self._lock:
+                    self._room.wait(backoff)
+                backoff = min(backoff * 2, self._cfg.mqtt.reconnect_max_s)
+                continue
+            if self._reading_allowed():
+                rc = self._client.loop(timeout=0.05)
+            else:
+                # Full (or draining): do not read; keep writing acks and keepalives.
+                with self._lock:
+                    if not self._reading_allowed() and self._phase != _DONE:
+                        self._room.wait(0.01)
+                rc = self._client.loop_write()
+                if rc == mqtt.MQTT_ERR_SUCCESS:
+                    rc = self._client.loop_misc()
+            if rc == mqtt.MQTT_ERR_SUCCESS and self._client.is_connected():
+                backoff = self._cfg.mqtt.reconnect_min_s
+            elif rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+                with self._lock:
+                    self._mqtt_connected = False
+        self._disconnect()
+
+    def _connect_once(self) -> bool:
+        """One connection attempt, waiting (bounded) for the CONNACK."""
+        try:
+            self._client.reconnect()
+        except (OSError, ValueError) as e:
+            log.warning("MQTT connect to %s:%s failed: %s", self._cfg.mqtt.host, self._cfg.mqtt.port, e)
+            return False
+        deadline = time.monotonic() + 10
+        while not self._mqtt_connected and time.monotonic() < deadline and self._phase != _DONE:
+            if self._client.loop(timeout=0.1) not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+                return False
+        return self._mqtt_connected
+
+    def _disconnect(self) -> None:
+        """Send what is queued (acks), then DISCONNECT; the session stays for the next start."""
+        deadline = time.monotonic() + 2
+        while self._client.want_write() and self._mqtt_connected and time.monotonic() < deadline:
+            if self._client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                break
+        self._client.disconnect()
+        self._client.loop_write()
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._phase != _RUNNING:
+            return  # left unacked: the broker delivers it again to the next session
+        BRIDGE_RECEIVED.inc()
+        now = time.monotonic()
+        verdict = classify(msg.topic, msg.payload, self._cfg)
+        with self._lock:
+            self._inflight += 1
+            tag = (self._conn, msg.mid)
+            if isinstance(verdict, Rejected):
+                self._send(self._dead_letter_of(msg.topic, msg.payload, verdict, tag, now))
+            else:
+                self._forward(msg.topic, msg.payload, verdict, tag, now)
+            BRIDGE_INFLIGHT.set(self._inflight)
+
+    def _forward(self, topic: str, payload: bytes, ok: Accepted, tag: tuple[int, int], now: float) -> None:
+        env = ok.envelope
+        if env.id in self._recent:
+            BRIDGE_DUPLICATES.inc()
+            self._settle_mqtt([tag], ok.device, env.seq, now)
+            return
+        pending = self._by_id.get(env.id)
+        if pending is not None:  # the device sent it again before our ack reached it
+            BRIDGE_DUPLICATES.inc()
+            pending.mids.append(tag)
+            return
+        rec = Record(topic=ok.kafka_topic, key=env.kafka_key.encode(), value=payload, headers=env.kafka_headers(),
+                     source=topic, received=now, mids=[tag], device=ok.device, seq=env.seq, envelope_id=env.id)
+        self._by_id[env.id] = rec
+        self._send(rec)
+
+    def _dead_letter_of(self, topic: str, payload: bytes, bad: Rejected, tag: tuple[int, int],
+                        now: float) -> Record:
+        headers = dlq_headers(bad.reason, bad.error, topic, 0, utc_now_iso())
+        if bad.reason == "too_large":
+            headers.append(("dlq-original-bytes", str(len(payload)).encode()))
+            payload = payload[:TOO_LARGE_KEEP_BYTES]
+        log.warning("dead letter: %s: %s", bad.reason, bad.error, extra={"topic": topic})
+        return Record(topic=self._cfg.dlq.topic, key=bad.device.encode() if bad.device else None, value=payload,
+                      headers=headers, source=topic, received=now, mids=[tag], device=bad.device, seq=bad.seq,
+                      dead=bad.reason)
+
+    def _settle_mqtt(self, tags: list[tuple[int, int]], device: str | None, seq: int | None, now: float) -> None:
+        """PUBACK the messages (those of the current connection) and queue the e2e ack. Lock held."""
+        for conn, mid in tags:
+            if conn == self._conn:  # older mids: the broker re-sends those, and we ack the re-sends
+                self._client.ack(mid, 1)
+        if tags:
+            self._inflight -= len(tags)
+            BRIDGE_INFLIGHT.set(self._inflight)
+            self._room.notify_all()
+        if device is not None and seq is not None:
+            self._acks.add(device, seq, now)
+
+    # --- Kafka side ----------------------------------------------------------------------------
+
+    def _new_producer(self) -> Producer:
+        conf = dict(self._producer_cfg)
+        conf["error_cb"] = self._on_kafka_error
+        conf["stats_cb"] = self._on_kafka_stats
+        return Producer(conf)
+
+    def _on_kafka_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._kafka_connected = False
+        if err.fatal():
+            log.error("Kafka producer failed for good (%s): replacing it", err)
+            self._producer_broken = True
+        else:
+            self._log_outage(f"Kafka: {err}")
+
+    def _on_kafka_stats(self, stats_json: str) -> None:
+        brokers = json.loads(stats_json).get("brokers", {})
+        self._kafka_connected = any(b.get("state") == "UP" for b in brokers.values())
+
+    def _send(self, rec: Record) -> None:
+        """Hand a record to the producer. Lock held."""
+        try:
+            self._producer.produce(rec.topic, rec.value, rec.key, headers=rec.headers,
+                                   on_delivery=partial(self._on_delivery, rec))
+        except BufferError:  # librdkafka's queue is full: not the record's fault, try shortly
+            self._schedule(rec, 0.05)
+        except KafkaException as e:  # refused before sending (e.g. larger than message.max.bytes)
+            self._failed(rec, e.args[0])
+
+    def _schedule(self, rec: Record, delay: float) -> None:
+        heapq.heappush(self._retries, (time.monotonic() + delay, next(self._tiebreak), rec))
+
+    def _on_delivery(self, rec: Record, err: KafkaError | None, msg: Any) -> None:
+        now = time.monotonic()
+        self._last_report = now
+        with self._lock:
+            if err is None:
+                self._confirmed(rec, msg, now)
+            else:
+                self._failed(rec, err)
+
+    def _confirmed(self, rec: Record, msg: Any, now: float) -> None:
+        self._kafka_connected = True
+        self._stall_recreations = 0
+        if rec.dead is None:
+            BRIDGE_PRODUCED.labels(rec.topic).inc()
+            BRIDGE_DELIVERY_SECONDS.observe(now - rec.received)
+            if rec.envelope_id is not None:
+                self._by_id.pop(rec.envelope_id, None)
+                self._recent.add(rec.envelope_id)
+        else:
+            BRIDGE_DLQ.labels(rec.dead).inc()
+        if rec.future is not None:
+            self._api_pending -= 1
+            self._room.notify_all()
+            if rec.dead is None:
+                rec.future.set_result({"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()})
+            else:
+                rec.future.set_exception(DeadLettered(rec.dead, _header(rec.headers, "dlq-error")))
+        self._settle_mqtt(rec.mids, rec.device, rec.seq, now)
+
+    def _failed(self, rec: Record, err: KafkaError) -> None:
+        """A delivery failed: send again, back off, or dead-letter. Lock held."""
+        BRIDGE_RETRIES.labels(rec.topic).inc()
+        if not is_records_fault(err):
+            # Outage, stall or purge: hold the record (and its ack) and send it again.
+            self._log_outage(f"record to {rec.topic} not delivered ({err}); sending again")
+            self._schedule(rec, 0.0 if err.code() in _PURGED else 0.5)
+            return
+        rec.attempts += 1
+        rec.first_failed_at = rec.first_failed_at or utc_now_iso()
+        if rec.dead is not None:
+            # A dead letter that Kafka refuses: nothing safer exists, so keep trying and keep the ack.
+            log.error("dead letter to %s refused (%s), attempt %d", rec.topic, err, rec.attempts)
+            self._schedule(rec, retry_delay(rec.attempts, self._cfg.retry))
+        elif err.retriable() and rec.attempts < self._cfg.retry.max_attempts:
+            self._schedule(rec, retry_delay(rec.attempts, self._cfg.retry))
+        else:
+            self._to_dlq(rec, "retries_exhausted" if err.retriable() else "rejected", str(err))
+
+    def _to_dlq(self, rec: Record, reason: str, error: str) -> None:
+        log.warning("dead letter: %s after %d attempts: %s", reason, rec.attempts, error,
+                    extra={"topic": rec.topic, "seq": rec.seq, "device_id": rec.device})
+        if rec.envelope_id is not None:
+            self._by_id.pop(rec.envelope_id, None)
+        rec.headers = rec.headers + dlq_headers(reason, error, rec.source, rec.attempts,
+                                                rec.first_failed_at or utc_now_iso())
+        rec.dead = reason
+        rec.topic = self._cfg.dlq.topic
+        self._send(rec)
+
+    def _log_outage(self, text: str) -> None:
+        """At most one outage line every 5 s: an outage is thousands of identical failures."""
+        now = time.monotonic()
+        if now - self._outage_logged_at >= 5:
+            self._outage_logged_at = now
+            log.warning(text)
+
+    def _poll_loop(self) -> None:
+        while not self._poll_stop.is_set():
+            self._producer.poll(self._poll_timeout())
+            self._resend_due()
+            if self._acks.due_in(time.monotonic()) == 0:
+                self._publish_e2e_acks()
+            self._watch_for_stall()
+
+    def _poll_timeout(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            next_retry = self._retries[0][0] - now if self._retries else 0.05
+            return max(0.0, min(0.05, next_retry, self._acks.due_in(now)))
+
+    def _resend_due(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            while self._retries and self._retries[0][0] <= now:
+                _, _, rec = heapq.heappop(self._retries)
+                self._send(rec)
+
+    def _publish_e2e_acks(self) -> None:
+        with self._lock:
+            batch = self._acks.take()
+        for device, ranges in batch.items():
+            self._client.publish(f"{self._cfg.mqtt.topic_prefix}/{device}/ack",
+                                 json.dumps({"seq": ranges}, separators=(",", ":")), qos=1)
+
+    def _watch_for_stall(self) -> None:
+        """Replace the producer when it holds records but has reported nothing for stall_timeout_s.
+
+        The test broker, restarted, leaves an idempotent producer retrying UNKNOWN_PRODUCER_ID
+        for good while a fresh producer delivers at once. Each replacement doubles the wait
+        (up to 8x), so a broker that is simply down does not make us churn producers.
+        """
+        now = time.monotonic()
+        if self._producer_broken:
+            self._replace_producer()
+            return
+        if len(self._producer) == 0:
+            self._progress_at = now
+            return
+        limit = self._cfg.stall_timeout_s * min(8, 2 ** self._stall_recreations)
+        if now - max(self._progress_at, self._last_report) < limit:
+            return
+        log.warning("no delivery report for %.1f s with %d records queued: new Kafka producer",
+                    now - max(self._progress_at, self._last_report), len(self._producer))
+        self._stall_recreations += 1
+        self._replace_producer()
+
+    def _replace_producer(self) -> None:
+        self._progress_at = time.monotonic()
+        self._producer_broken = False
+        with self._lock:
+            old, self._producer = self._producer, self._new_producer()
+        # Purged records come back through _failed and go to the new producer at once.
+        old.purge(in_queue=True, in_flight=True)
+        old.flush(5.0)
+
+
+def _header(headers: list[tuple[str, bytes]], name: str) -> str:
+    return next((v.decode("utf-8", "replace") for k, v in reversed(headers) if k == name), "")
+
+
+# --- the daemon ----------------------------------------------------------------------------------
+
+def _api_factory() -> Callable[[Any], Any] | None:
+    """edge_agent.api.create_app once it exists, else None (the tiny fallback below serves)."""
+    try:
+        from . import api  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return getattr(api, "create_app", None)
+
+
+def serve_http(bridge: Bridge) -> Callable[[], None]:
+    """Serve the HTTP API in a background thread; returns a function that stops it."""
+    host, port = bridge.config.http.host_port
+    create_app = _api_factory()
+    if create_app is not None:
+        import uvicorn
+
+        server = uvicorn.Server(uvicorn.Config(create_app(bridge), host=host, port=port, log_level="warning",
+                                               lifespan="off"))
+        thread = threading.Thread(target=server.run, name="bridge-http", daemon=True)
+        thread.start()
+
+        def stop_uvicorn() -> None:
+            server.should_exit = True
+            thread.join(timeout=5)
+        return stop_uvicorn
+    httpd = ThreadingHTTPServer((host, port), _fallback_handler(bridge))
+    thread = threading.Thread(target=httpd.serve_forever, name="bridge-http", daemon=True)
+    thread.start()
+
+    def stop_fallback() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+    return stop_fallback
+
+
+def _fallback_handler(bridge: Bridge) -> type[BaseHTTPRequestHandler]:
+    """/healthz and /metrics only: enough to run and test the bridge without the API module."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path == "/healthz":
+                body, ctype = json.dumps({"status": "ok", **bridge.health()}).encode(), "application/json"
+            elif self.path == "/metrics":
+                body, ctype = exposition()
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: Any) -> None:
+            pass  # access logs would drown the JSON log
+
+    return Handler
+
+
+def run_bridge(path: Path) -> int:
+    """``edge-agent bridge -c PATH``: run until SIGTERM/SIGINT, then drain and exit 0 (2: bad config)."""
+    try:
+        cfg = load_bridge(path)
+        problems = missing_secrets(cfg)
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return 2
+    logs.setup(cfg.log.level, cfg.log.format)
+    bridge = Bridge(cfg)
+    bridge.start()
+    stop_http = serve_http(bridge)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    _notify_systemd("READY=1")
+    while not stop.wait(1.0):
+        pass
+    _notify_systemd("STOPPING=1")
+    log.info("signal received: draining")
+    bridge.stop()
+    stop_http()
+    return 0
+
+
+def _notify_systemd(state: str) -> None:
+    try:
+        import sdnotify
+
+        sdnotify.SystemdNotifier().notify(state)
+    except Exception:  # noqa: BLE001 (no systemd: nothing to tell)
+        pass
