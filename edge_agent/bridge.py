@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal, NamedTuple
 
 import paho.mqtt.client as mqtt
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -83,6 +83,28 @@ def retry_delay(attempt: int, cfg: RetryConfig, rng: random.Random | None = None
     base = min(base, cfg.max_delay_s)
     # Half fixed, half random: spread the retries of many records without ever retrying at once.
     return base / 2 + (rng or random).uniform(0, base / 2)
+
+
+class Plan(NamedTuple):
+    action: Literal["send_again", "dead_letter"]
+    delay: float = 0.0
+    reason: str = ""
+    counts: bool = False  # whether this failure uses up one of retry.max_attempts
+
+
+def plan_after_failure(err: KafkaError, attempts: int, is_dead_letter: bool, cfg: RetryConfig) -> Plan:
+    """What to do with a record whose delivery failed with ``err`` after ``attempts`` counted failures.
+
+    Outages (timeouts, purges, a stuck producer) never count: the record waits for Kafka.
+    A record refused by the broker for good is dead-lettered at once; retriable refusals
+    back off until max_attempts. A dead letter itself is never given up on.
+    """
+    if not is_records_fault(err):
+        return Plan("send_again", 0.0 if err.code() in _PURGED else 0.5)
+    attempts += 1
+    if is_dead_letter or (err.retriable() and attempts < cfg.max_attempts):
+        return Plan("send_again", retry_delay(attempts, cfg), counts=True)
+    return Plan("dead_letter", reason="retries_exhausted" if err.retriable() else "rejected", counts=True)
 
 
 def parse_uplink_topic(topic: str, prefix: str) -> tuple[str, str] | None:
@@ -541,21 +563,18 @@ class Bridge:
     def _failed(self, rec: Record, err: KafkaError) -> None:
         """A delivery failed: send again, back off, or dead-letter. Lock held."""
         BRIDGE_RETRIES.labels(rec.topic).inc()
-        if not is_records_fault(err):
-            # Outage, stall or purge: hold the record (and its ack) and send it again.
-            self._log_outage(f"record to {rec.topic} not delivered ({err}); sending again")
-            self._schedule(rec, 0.0 if err.code() in _PURGED else 0.5)
+        plan = plan_after_failure(err, rec.attempts, rec.dead is not None, self._cfg.retry)
+        if plan.counts:
+            rec.attempts += 1
+            rec.first_failed_at = rec.first_failed_at or utc_now_iso()
+        if plan.action == "dead_letter":
+            self._to_dlq(rec, plan.reason, str(err))
             return
-        rec.attempts += 1
-        rec.first_failed_at = rec.first_failed_at or utc_now_iso()
-        if rec.dead is not None:
-            # A dead letter that Kafka refuses: nothing safer exists, so keep trying and keep the ack.
+        if not plan.counts:
+            self._log_outage(f"record to {rec.topic} not delivered ({err}); sending again")
+        elif rec.dead is not None:
             log.error("dead letter to %s refused (%s), attempt %d", rec.topic, err, rec.attempts)
-            self._schedule(rec, retry_delay(rec.attempts, self._cfg.retry))
-        elif err.retriable() and rec.attempts < self._cfg.retry.max_attempts:
-            self._schedule(rec, retry_delay(rec.attempts, self._cfg.retry))
-        else:
-            self._to_dlq(rec, "retries_exhausted" if err.retriable() else "rejected", str(err))
+        self._schedule(rec, plan.delay)
 
     def _to_dlq(self, rec: Record, reason: str, error: str) -> None:
         log.warning("dead letter: %s after %d attempts: %s", reason, rec.attempts, error,

@@ -1,0 +1,149 @@
+"""Unit tests of the bridge's pure parts: validation, ack ranges, retry policy, dedupe window, Kafka settings.
+
+The behaviour over the real wire (Mosquitto + Kafka protocol) is in test_bridge_wire.py.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from confluent_kafka import KafkaError
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edge_agent.bridge import (AckBatcher, Accepted, RecentIds, Rejected, classify, merge_ranges, parse_uplink_topic,
+                               plan_after_failure, retry_delay)
+from edge_agent.config import BridgeConfig, ConfigError, KafkaConfig, RetryConfig
+from edge_agent.envelope import build, encode
+from edge_agent.kafka_io import kafka_client_config, producer_config
+
+CFG = BridgeConfig.model_validate({"max_message_bytes": 2000})
+GOOD_TOPIC = "edge/gw-1/up/camera.events"
+
+
+def good_payload(device: str = "gw-1", seq: int = 7) -> bytes:
+    return encode(build(device, seq, "camera.online", {"x": 1}, camera_id="cam-1"))
+
+
+# --- classify ----------------------------------------------------------------------------------
+
+def test_a_valid_envelope_is_accepted_for_its_streams_kafka_topic() -> None:
+    verdict = classify(GOOD_TOPIC, good_payload(), CFG)
+    assert isinstance(verdict, Accepted)
+    assert (verdict.kafka_topic, verdict.device, verdict.envelope.seq) == ("camera.events", "gw-1", 7)
+
+
+@pytest.mark.parametrize("topic, payload, reason, seq", [
+    (GOOD_TOPIC, b"{not json", "invalid_json", None),
+    (GOOD_TOPIC, b"\xff\xfe\x00", "invalid_json", None),
+    (GOOD_TOPIC, b"[1, 2]", "invalid_envelope", None),
+    (GOOD_TOPIC, json.dumps({**json.loads(good_payload()), "v": 2}).encode(), "invalid_envelope", 7),
+    (GOOD_TOPIC, json.dumps({**json.loads(good_payload()), "trace_id": "nope"}).encode(), "invalid_envelope", 7),
+    (GOOD_TOPIC, good_payload(device="gw-2"), "device_mismatch", None),
+    ("edge/gw-1/up/no.such.stream", good_payload(), "unmapped_topic", 7),
+    ("edge/gw-1/up", good_payload(), "unmapped_topic", None),
+    ("edge/gw-1/up/camera.events/extra", good_payload(), "unmapped_topic", None),
+    (GOOD_TOPIC, good_payload()[:-1] + b', "pad": "' + b"x" * 3000 + b'"}', "too_large", 7),
+])
+def test_bad_input_is_rejected_with_its_reason(topic: str, payload: bytes, reason: str, seq: int | None) -> None:
+    verdict = classify(topic, payload, CFG)
+    assert isinstance(verdict, Rejected)
+    assert verdict.reason == reason
+    assert verdict.error  # a clear message for the dlq-error header
+    assert verdict.seq == seq  # the device's own seq is acked so that it stops re-sending
+
+
+def test_topic_prefix_with_slashes_is_parsed() -> None:
+    assert parse_uplink_topic("site/a/edge/gw-1/up/notifications", "site/a/edge") == ("gw-1", "notifications")
+    assert parse_uplink_topic("other/gw-1/up/notifications", "edge") is None
+
+
+# --- e2e ack ranges and batching ---------------------------------------------------------------
+
+@given(st.sets(st.integers(min_value=1, max_value=500)))
+def test_merged_ranges_cover_exactly_the_seqs(seqs: set[int]) -> None:
+    ranges = merge_ranges(list(seqs) + list(seqs))  # duplicates too
+    covered = [s for lo, hi in ranges for s in range(lo, hi + 1)]
+    assert covered == sorted(seqs)
+    assert all(b[0] > a[1] + 1 for a, b in zip(ranges, ranges[1:]))  # maximal: no two ranges touch
+
+
+def test_ack_batcher_is_due_by_size_or_by_age() -> None:
+    acks = AckBatcher(interval_s=0.05, batch=3)
+    assert acks.due_in(0.0) == float("inf")
+    acks.add("a", 1, now=10.0)
+    assert acks.due_in(10.01) == pytest.approx(0.04)
+    acks.add("a", 2, now=10.02)
+    acks.add("b", 9, now=10.02)
+    assert acks.due_in(10.02) == 0.0
+    assert acks.take() == {"a": [[1, 2]], "b": [[9, 9]]}
+    assert acks.due_in(10.03) == float("inf")
+
+
+# --- retry policy ------------------------------------------------------------------------------
+
+RETRY = RetryConfig(max_attempts=3, delay_s=1.0, backoff="exponential", max_delay_s=3.0)
+
+
+def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
+    rng = random.Random(1)
+    for attempt, base in [(1, 1.0), (2, 2.0), (3, 3.0), (10, 3.0)]:
+        delays = [retry_delay(attempt, RETRY, rng) for _ in range(200)]
+        assert base / 2 <= min(delays) and max(delays) <= base
+        assert max(delays) - min(delays) > base / 4  # jittered, not constant
+
+
+def test_outages_never_use_up_attempts() -> None:
+    for code in (KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError.UNKNOWN_PRODUCER_ID,
+                 KafkaError._PURGE_INFLIGHT):
+        plan = plan_after_failure(KafkaError(code), attempts=99, is_dead_letter=False, cfg=RETRY)
+        assert plan.action == "send_again" and not plan.counts
+
+
+def test_retriable_refusals_back_off_then_exhaust() -> None:
+    err = KafkaError(KafkaError.NOT_ENOUGH_REPLICAS, retriable=True)
+    assert plan_after_failure(err, 0, False, RETRY).action == "send_again"
+    assert plan_after_failure(err, 1, False, RETRY).counts
+    final = plan_after_failure(err, 2, False, RETRY)
+    assert (final.action, final.reason) == ("dead_letter", "retries_exhausted")
+
+
+def test_permanent_refusal_is_dead_lettered_at_once_but_a_dead_letter_is_never_dropped() -> None:
+    err = KafkaError(KafkaError.TOPIC_EXCEPTION)
+    assert plan_after_failure(err, 0, False, RETRY).reason == "rejected"
+    assert plan_after_failure(err, 50, True, RETRY).action == "send_again"
+
+
+# --- dedupe window -----------------------------------------------------------------------------
+
+def test_recent_ids_forget_the_oldest_beyond_the_window() -> None:
+    recent = RecentIds(3)
+    for i in "abcd":
+        recent.add(i)
+    assert "a" not in recent and all(i in recent for i in "bcd")
+    recent.add("b")  # seen again: becomes the newest
+    recent.add("e")
+    assert "b" in recent and "c" not in recent
+
+
+# --- Kafka settings ----------------------------------------------------------------------------
+
+def test_sasl_ssl_settings_take_the_password_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    ca = tmp_path / "ca.pem"
+    cfg = KafkaConfig.model_validate({"bootstrap_servers": "k:9093", "security_protocol": "SASL_SSL",
+                                      "sasl": {"mechanism": "SCRAM-SHA-256", "username": "br",
+                                               "password_env": "T_KAFKA_PW"}, "ssl": {"ca": str(ca)}})
+    monkeypatch.setenv("T_KAFKA_PW", "s3cret")
+    conf = kafka_client_config(cfg)
+    assert conf == {"bootstrap.servers": "k:9093", "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-256",
+                    "sasl.username": "br", "sasl.password": "s3cret", "ssl.ca.location": str(ca)}
+    monkeypatch.delenv("T_KAFKA_PW")
+    with pytest.raises(ConfigError, match="T_KAFKA_PW"):
+        kafka_client_config(cfg)
+
+
+def test_producer_is_idempotent_with_acks_all_and_operator_extras_win() -> None:
+    conf = producer_config(KafkaConfig.model_validate({"producer": {"linger.ms": 20}}))
+    assert conf["enable.idempotence"] is True and conf["acks"] == "all" and conf["linger.ms"] == 20
