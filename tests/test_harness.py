@@ -1,0 +1,324 @@
+"""The fixtures themselves work over the real wire: Mosquitto (plain, TLS, ACL), Tansu, stunnel."""
+
+from __future__ import annotations
+
+import queue
+import ssl
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from brokers import (
+    AgentProcess,
+    TopicRecorder,
+    client_config,
+    consume_all,
+    create_topics,
+    free_port,
+    read_topic,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class V5Client:
+    """A paho MQTT v5 client that records what happens, for assertions."""
+
+    def __init__(self, client_id: str | None = None):
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"t-{uuid.uuid4().hex[:8]}",
+                                  protocol=mqtt.MQTTv5)
+        self.connected = threading.Event()
+        self.connect_reason: ReasonCode | None = None
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.pubacks: dict[int, ReasonCode] = {}
+        self.subacks: dict[int, list[ReasonCode]] = {}
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda c, u, msg: self.messages.put(msg)
+        self.client.on_publish = self._on_publish
+        self.client.on_subscribe = lambda c, u, mid, rcs, props: self.subacks.__setitem__(mid, rcs)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        self.connect_reason = reason
+        self.connected.set()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
+        self.pubacks[mid] = reason
+
+    def connect(self, host: str, port: int, *, username: str | None = None, password: str | None = None,
+                tls: dict[str, Any] | None = None, timeout: float = 10.0) -> ReasonCode:
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if tls is not None:
+            self.client.tls_set(**tls)
+        self.client.connect(host, port, keepalive=30, clean_start=True)
+        self.client.loop_start()
+        wait_for(self.connected.is_set, timeout, message=f"CONNACK from {host}:{port}")
+        assert self.connect_reason is not None
+        return self.connect_reason
+
+    def subscribe(self, topic: str, timeout: float = 10.0) -> list[ReasonCode]:
+        _, mid = self.client.subscribe(topic, qos=1)
+        return wait_for(lambda: self.subacks.get(mid), timeout, message=f"SUBACK for {topic}")
+
+    def publish(self, topic: str, payload: bytes, timeout: float = 10.0, **kw: Any) -> ReasonCode:
+        info = self.client.publish(topic, payload, qos=1, **kw)
+        return wait_for(lambda: self.pubacks.get(info.mid), timeout, message=f"PUBACK for {topic}")
+
+    def next_message(self, timeout: float = 10.0) -> mqtt.MQTTMessage:
+        return self.messages.get(timeout=timeout)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def clients() -> Any:
+    made: list[V5Client] = []
+
+    def make(client_id: str | None = None) -> V5Client:
+        made.append(V5Client(client_id))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+# --- Mosquitto -------------------------------------------------------------------------------
+
+def test_plain_pubsub_v5(mqtt_broker: Any, clients: Any) -> None:
+    sub, pub = clients(), clients()
+    sub.connect(mqtt_broker.host, mqtt_broker.port)
+    assert not sub.subscribe("edge/gw/up/#")[0].is_failure
+    pub.connect(mqtt_broker.host, mqtt_broker.port)
+    props = Properties(mqtt.PacketTypes.PUBLISH)
+    props.UserProperty = [("trace", "abc")]
+    assert pub.publish("edge/gw/up/camera.events", b'{"v":1}', properties=props).value == 0
+    msg = sub.next_message()
+    assert (msg.topic, msg.payload) == ("edge/gw/up/camera.events", b'{"v":1}')
+    assert ("trace", "abc") in msg.properties.UserProperty
+
+
+def test_tls_with_client_certificate(mosquitto: Any, clients: Any) -> None:
+    broker = mosquitto(tls=True, require_certificate=True)
+    cert, key = broker.client_cert("gw-001")
+    ok = clients()
+    assert ok.connect(broker.host, broker.tls_port, tls={"ca_certs": str(broker.ca_path), "certfile": str(cert),
+                                                          "keyfile": str(key)}).value == 0
+    ok.subscribe("x/#")
+    assert ok.publish("x/y", b"over tls").value == 0
+    assert ok.next_message().payload == b"over tls"
+
+    # Without a client certificate the handshake is refused: the broker really checks.
+    refused = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    refused.tls_set(ca_certs=str(broker.ca_path))
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        refused.connect(broker.host, broker.tls_port)
+        # TLS 1.3 reports a missing client cert only on the first read.
+        for _ in range(50):
+            rc = refused.loop(0.1)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                raise ConnectionError(f"loop rc {rc}")
+
+
+ACL = """\
+user gw-001
+topic write edge/gw-001/up/#
+topic read edge/gw-001/ack
+
+user bridge
+topic read edge/+/up/#
+topic write edge/+/ack
+"""
+
+
+def test_password_and_acl(mosquitto: Any, clients: Any) -> None:
+    """Finding: mosquitto 2.0.11 answers an ACL-denied QoS 1 publish from a v5 client with
+    PUBACK reason 0x87 (Not authorized); the message is not delivered. (Mosquitto >= 2.0 does
+    this for v5 only; v3.1.1 clients get a plain PUBACK and cannot tell.)"""
+    broker = mosquitto(passwords={"gw-001": "pw1", "bridge": "pw2"}, acl=ACL, allow_anonymous=False)
+
+    bad = clients()
+    # 2.0.11 answers a wrong password with CONNACK 0x87 (Not authorized), not 0x86.
+    assert bad.connect(broker.host, broker.port, username="gw-001", password="wrong").value == 0x87
+
+    bridge = clients()
+    assert bridge.connect(broker.host, broker.port, username="bridge", password="pw2").value == 0
+    bridge.subscribe("edge/+/up/#")
+
+    device = clients()
+    assert device.connect(broker.host, broker.port, username="gw-001", password="pw1").value == 0
+    allowed = device.publish("edge/gw-001/up/camera.events", b"mine")
+    denied = device.publish("edge/gw-002/up/camera.events", b"spoofed")
+    assert allowed.value == 0
+    assert denied.value >= 0x80 and denied.getName() == "Not authorized", denied
+
+    assert bridge.next_message().payload == b"mine"
+    # Sentinel after the denied publish: if "spoofed" had been delivered it would come first.
+    assert device.publish("edge/gw-001/up/camera.events", b"sentinel").value == 0
+    assert bridge.next_message().payload == b"sentinel"
+    assert "gw-001" in broker.log_text()
+
+
+def test_restart_on_same_port_keeps_persistent_session(mosquitto: Any) -> None:
+    broker = mosquitto()
+    port = broker.port
+    received: queue.Queue[bytes] = queue.Queue()
+
+    def session_client() -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="persistent-1", protocol=mqtt.MQTTv5)
+        c.on_message = lambda cl, u, m: received.put(m.payload)
+        props = Properties(mqtt.PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        c.connect(broker.host, port, clean_start=False, properties=props)
+        return c
+
+    sub = session_client()
+    sub.loop_start()
+    wait_for(sub.is_connected, 10, message="subscriber connected")
+    _, mid = sub.subscribe("q/#", qos=1)
+    sub.disconnect()
+    sub.loop_stop()
+
+    pub = V5Client()
+    pub.connect(broker.host, port)
+    assert pub.publish("q/1", b"queued while away").value == 0
+    pub.close()
+
+    broker.stop()
+    assert not broker.alive
+    broker.start()
+    assert broker.port == port
+
+    sub = session_client()
+    sub.loop_start()
+    try:
+        assert received.get(timeout=10) == b"queued while away"
+    finally:
+        sub.disconnect()
+        sub.loop_stop()
+
+
+def test_kill_then_start(mosquitto: Any, clients: Any) -> None:
+    broker = mosquitto()
+    broker.kill()
+    assert not broker.alive
+    broker.start()
+    c = clients()
+    assert c.connect(broker.host, broker.port).value == 0
+
+
+# --- Kafka (Tansu) ---------------------------------------------------------------------------
+
+def _produce(target: Any, topic: str, n: int, extra: dict[str, Any] | None = None) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({**client_config(target), "enable.idempotence": True, "acks": "all", "linger.ms": 5,
+                         **(extra or {})})
+    errors: list[Any] = []
+    for i in range(n):
+        producer.produce(topic, key=f"gw-001/cam-{i % 2}".encode(), value=f'{{"seq": {i + 1}}}'.encode(),
+                         headers=[("message-id", str(uuid.uuid4()).encode()), ("seq", str(i + 1).encode())],
+                         on_delivery=lambda err, msg: errors.append(err) if err else None)
+    assert producer.flush(30) == 0
+    assert errors == []
+
+
+def test_kafka_round_trip_with_headers(kafka: Any, unique_topic: str) -> None:
+    create_topics(kafka, [unique_topic], partitions=3)
+    _produce(kafka, unique_topic, 50)
+    records = consume_all(kafka, unique_topic, expect_n=50, timeout=30, settle_s=0.3)
+    assert len(records) == 50  # settle_s: no extras either
+    assert sorted(int(r.headers["seq"]) for r in records) == list(range(1, 51))
+    assert {r.key for r in records} == {b"gw-001/cam-0", b"gw-001/cam-1"}
+    # One key stays in one partition, in order.
+    for key in (b"gw-001/cam-0", b"gw-001/cam-1"):
+        mine = [r for r in records if r.key == key]
+        assert len({r.partition for r in mine}) == 1
+        assert [r.json()["seq"] for r in mine] == sorted(r.json()["seq"] for r in mine)
+    assert len(read_topic(kafka, unique_topic)) == 50
+
+
+def test_consume_all_returns_short_on_timeout(kafka: Any, unique_topic: str) -> None:
+    create_topics(kafka, [unique_topic])
+    _produce(kafka, unique_topic, 3)
+    assert len(consume_all(kafka, unique_topic, expect_n=10, timeout=1.5)) == 3
+
+
+def test_kafka_restart_on_same_port(kafka_factory: Any) -> None:
+    """Tansu keeps data in memory: after a restart the topic is empty but the port is the same."""
+    broker = kafka_factory()
+    bootstrap = broker.bootstrap
+    with TopicRecorder(broker, ["outage"]) as recorder:
+        _produce(broker, "outage", 5)
+        recorder.wait_count(5, timeout=20)
+        broker.kill()
+        assert not broker.alive
+        broker.start()
+        assert broker.bootstrap == bootstrap
+        create_topics(broker, ["outage"])
+        _produce(broker, "outage", 3)
+        # The recorder rewinds after the restart and sees the new records too.
+        records = recorder.wait_count(8, timeout=30)
+    assert len(records) == 8
+    assert len(read_topic(broker, "outage")) == 3  # the old 5 are gone with the old process
+
+
+def test_kafka_tls_through_stunnel(tls_kafka: Any) -> None:
+    conf = tls_kafka.client_config()
+    assert conf["security.protocol"] == "SSL"
+    create_topics(conf, ["secure"])
+    _produce(conf, "secure", 10)
+    assert len(consume_all(conf, "secure", expect_n=10, timeout=30)) == 10
+
+
+def test_stunnel_refuses_plaintext(tls_kafka: Any) -> None:
+    """The TLS port really is TLS: a PLAINTEXT client gets no metadata through it."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": tls_kafka.bootstrap})
+    with pytest.raises(KafkaException):
+        admin.list_topics(timeout=3)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def test_wait_for_returns_value_and_times_out() -> None:
+    assert wait_for(lambda: 42, timeout=1) == 42
+    with pytest.raises(AssertionError, match="timed out after 0.1s waiting for: never"):
+        wait_for(lambda: False, timeout=0.1, message="never")
+
+
+def test_free_port_is_bindable() -> None:
+    import socket
+
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_agent_process_runs_cli_and_is_killed(tmp_path: Path, agent_process: Any) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("device_id: gw\nbogus_key: 1\n")
+    proc = agent_process(["check-config", "-c", str(bad)])
+    wait_for(lambda: proc.returncode is not None, 30, message="check-config exit")
+    assert proc.returncode == 2
+    assert "bogus_key: unknown key" in proc.output()
+
+    # A long-running child in its own group: stop() ends the whole group.
+    sleeper = AgentProcess([], tmp_path / "sleep.log")
+    sleeper.argv = ["bash", "-c", "sleep 300 & sleep 300; wait"]
+    sleeper.start()
+    assert sleeper.alive
+    assert sleeper.kill() == -9
+    assert not sleeper.alive
