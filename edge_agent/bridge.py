@@ -731,12 +731,12 @@ def run_bridge(path: Path) -> int:
             print(line, file=sys.stderr)
         return 2
     logs.setup(cfg.log.level, cfg.log.format)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # first: a SIGTERM during start-up still drains
+        signal.signal(sig, lambda *_: stop.set())
     bridge = Bridge(cfg)
     bridge.start()
     stop_http = serve_http(bridge)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     _notify_systemd("READY=1")
     while not stop.wait(1.0):
         pass
