@@ -10,8 +10,8 @@ process; consumers drop duplicates by ``id``), ``trace_id`` is new and
 ``correlation_id`` comes from the ``X-Correlation-ID`` request header.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations": the endpoints use body models built per app at
+# run time, which FastAPI must see as real classes, not as names to resolve later.
 import hmac
 import itertools
 import logging
@@ -24,7 +24,8 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Res
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from . import __version__, metrics
 from .config import BridgeConfig, env_secret
@@ -63,7 +64,7 @@ class QueueInspector(Protocol):
 class PublishRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    topic: str = Field(description="an uplink stream the bridge maps to a Kafka topic, e.g. camera.events")
+    topic: str  # narrowed per app to the mapped streams (_with_topics)
     message: dict[str, Any] = Field(description="becomes the envelope's data; its string `type` the envelope type")
     key: str | None = Field(None, max_length=1024, description="Kafka record key (default: device/camera)")
 
@@ -78,7 +79,7 @@ class PublishResponse(BaseModel):
 class RetryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    topic: str
+    topic: str  # narrowed per app to the mapped Kafka topics
     maxMessages: int = Field(100, ge=1, le=100_000)  # noqa: N815
 
 
@@ -140,6 +141,12 @@ def _envelope_for(req: PublishRequest, device_id: str, seq: int, correlation_id:
     return build(device_id, seq, type_[:128], msg, camera_id=camera, correlation_id=correlation_id)
 
 
+def _with_topics(model: type[BaseModel], topics: list[str], description: str) -> type[BaseModel]:
+    """``model`` whose ``topic`` must be one of ``topics``: the OpenAPI spec then lists them for clients."""
+    return create_model(model.__name__, __base__=model,
+                        topic=(Literal[tuple(topics)], Field(description=description)))  # type: ignore[valid-type]
+
+
 def _error(code: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse(status_code=code, content={"status": "error", "error": message, **extra})
 
@@ -159,6 +166,12 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
     seq_counter = itertools.count(1)
     seq_lock = threading.Lock()
     inspector_box: list[QueueInspector | None] = [inspector]
+    streams = sorted(cfg.topics)
+    kafka_topics = sorted(set(cfg.topics.values()))
+    status_topics = sorted(set(kafka_topics) | {cfg.dlq.topic})
+    Publish = _with_topics(PublishRequest, streams, "an uplink stream; the bridge maps it to its Kafka topic")
+    Retry = _with_topics(RetryRequest, kafka_topics, "the Kafka topic whose dead letters are re-sent")
+    StatusTopic = Literal[tuple(status_topics)]  # type: ignore[valid-type]
 
     def get_inspector() -> QueueInspector:
         # Built on first use: an app that only publishes never opens admin connections.
@@ -169,8 +182,9 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
     app = FastAPI(title="edge-agent bridge", version=__version__,
                   description="Publish to the bridge's Kafka topics, read queue status, retry dead letters.")
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(_req: Request, exc: HTTPException) -> JSONResponse:
+    # Starlette's base class: also catches the framework's own errors (unparsable body, 404, 405).
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, headers=exc.headers,
                             content={"status": "error", "error": str(exc.detail)})
 
@@ -196,12 +210,10 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
 
     @app.post("/api/v1/queue/publish", response_model=PublishResponse, responses={**_ERRORS, 502: {"model": PublishResponse}, 504: {"model": PublishResponse}},
               summary="wrap a message in an envelope and send it to Kafka; answers once Kafka confirms")
-    def publish(body: PublishRequest, response: Response,
+    def publish(body: Publish, response: Response,  # type: ignore[valid-type]
                 x_correlation_id: str | None = Header(None, max_length=256),
                 _role: Role = Depends(require(*PUBLISH_ROLES))) -> Any:
-        kafka_topic = cfg.topics.get(body.topic)
-        if kafka_topic is None:
-            return _error(400, f"topic {body.topic!r} is not mapped; use one of {', '.join(sorted(cfg.topics))}")
+        kafka_topic = cfg.topics[body.topic]
         env = _envelope_for(body, device_id, 1, x_correlation_id)
         if len(encode(env)) > cfg.max_message_bytes:  # checked before taking a seq: no gap for a refusal
             return _error(413, f"message larger than {cfg.max_message_bytes} bytes")
@@ -225,12 +237,9 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
 
     @app.get("/api/v1/queue/status", response_model=list[TopicStatus], responses=_ERRORS,
              summary="per topic: consumer-group lag, consumers, dead letters")
-    def queue_status(topic: str | None = Query(None, description="one topic; default: every mapped topic"),
+    def queue_status(topic: StatusTopic | None = Query(None, description="one topic; default: every mapped topic"),  # type: ignore[valid-type]
                      _role: Role = Depends(require(*STATUS_ROLES))) -> Any:
-        known = sorted(set(cfg.topics.values()) | {cfg.dlq.topic})
-        if topic is not None and topic not in known:
-            return _error(404, f"unknown topic {topic!r}; known: {', '.join(known)}")
-        topics = [topic] if topic is not None else sorted(set(cfg.topics.values()))
+        topics = [topic] if topic is not None else kafka_topics
         try:
             return get_inspector().status(topics)
         except QueueAdminError as e:
@@ -238,9 +247,7 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
 
     @app.post("/api/v1/queue/dlq/retry", response_model=RetryResult, responses=_ERRORS,
               summary="re-publish a topic's dead letters to it (each letter once)")
-    def dlq_retry(body: RetryRequest, _role: Role = Depends(require(*RETRY_ROLES))) -> Any:
-        if body.topic not in set(cfg.topics.values()):
-            return _error(400, f"topic {body.topic!r} is not a mapped Kafka topic")
+    def dlq_retry(body: Retry, _role: Role = Depends(require(*RETRY_ROLES))) -> Any:  # type: ignore[valid-type]
         try:
             result = get_inspector().retry_dead_letters(body.topic, body.maxMessages)
         except QueueAdminError as e:

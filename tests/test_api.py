@@ -145,7 +145,7 @@ def test_publish_wraps_the_message_in_an_envelope(bridge_cfg: BridgeConfig) -> N
 
 
 @pytest.mark.parametrize("body,code,fragment", [
-    ({"topic": "nope", "message": {}}, 400, "not mapped"),
+    ({"topic": "nope", "message": {}}, 422, "camera.events"),  # the error names the valid topics
     ({"topic": "camera.events", "message": [1, 2]}, 422, "message"),
     ({"topic": "camera.events", "message": "text"}, 422, "message"),
     ({"topic": "camera.events"}, 422, "message"),
@@ -180,8 +180,12 @@ def test_status_and_retry_validate_topics(bridge_cfg: BridgeConfig) -> None:
     assert [s["topic"] for s in everything.json()] == ["camera.events", "central.notifications"]
     one = client.get("/api/v1/queue/status", params={"topic": "dlq"}, headers=auth("auditor"))
     assert one.status_code == 200 and set(one.json()[0]) >= {"topic", "lag", "consumerCount", "dlqSize"}
-    assert client.get("/api/v1/queue/status", params={"topic": "x"}, headers=auth("admin")).status_code == 404
-    assert client.post("/api/v1/queue/dlq/retry", json={"topic": "dlq"}, headers=auth("admin")).status_code == 400
+    assert client.get("/api/v1/queue/status", params={"topic": "x"}, headers=auth("admin")).status_code == 422
+    assert client.post("/api/v1/queue/dlq/retry", json={"topic": "dlq"}, headers=auth("admin")).status_code == 422
+    assert client.post("/api/v1/queue/dlq/retry", json={"topic": "camera.events", "maxMessages": 0},
+                       headers=auth("admin")).status_code == 422
+    spec = client.get("/openapi.json").json()["components"]["schemas"]
+    assert spec["PublishRequest"]["properties"]["topic"]["enum"] == ["camera.events", "notifications"]
     assert client.post("/api/v1/queue/dlq/retry", json={"topic": "camera.events", "maxMessages": 0},
                        headers=auth("admin")).status_code == 422
     r = client.post("/api/v1/queue/dlq/retry", json={"topic": "camera.events", "maxMessages": 7}, headers=auth("admin"))
