@@ -42,7 +42,9 @@ def parse_bytes(value: int | str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"not a size: {value!r} (use e.g. 1GiB, 500MB or a number of bytes)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    number, scale = m.group(1), _SIZE_UNITS[m.group(2).lower()]
+    # Whole numbers in integer arithmetic: a float loses bytes above 2**53 (found by hypothesis).
+    return int(number) * scale if number.isdigit() else int(float(number) * scale)
 
 
 def env_secret(var: str | None) -> str | None:
