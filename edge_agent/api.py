@@ -151,11 +151,27 @@ def _error(code: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse(status_code=code, content={"status": "error", "error": message, **extra})
 
 
+def dead_letter_source_resolver(cfg: BridgeConfig) -> Callable[[str], str | None]:
+    """``dlq-source-topic`` -> Kafka topic: the bridge records the MQTT topic a letter came in on."""
+    from .bridge import parse_uplink_topic
+
+    kafka_topics = set(cfg.topics.values())
+
+    def resolve(source: str) -> str | None:
+        if source in kafka_topics:
+            return source
+        parsed = parse_uplink_topic(source, cfg.mqtt.topic_prefix)
+        return cfg.topics.get(parsed[1]) if parsed else None
+
+    return resolve
+
+
 def _default_inspector(cfg: BridgeConfig) -> QueueInspector:
     from .kafka_io import kafka_client_config  # the bridge's librdkafka settings, security included
     from .queue_admin import KafkaQueueAdmin
 
-    return KafkaQueueAdmin(kafka_client_config(cfg.kafka), cfg.dlq.topic)
+    return KafkaQueueAdmin(kafka_client_config(cfg.kafka), cfg.dlq.topic,
+                           source_topic=dead_letter_source_resolver(cfg))
 
 
 def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *,
@@ -221,7 +237,10 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
             env = env.model_copy(update={"seq": next(seq_counter)})
         ids = {"messageId": env.id, "traceId": env.trace_id}
         where = {"trace_id": env.trace_id, "correlation_id": x_correlation_id, "topic": kafka_topic}
-        fut = backend.submit(kafka_topic, env, key=body.key)
+        try:
+            fut = backend.submit(kafka_topic, env, key=body.key)
+        except RuntimeError as e:  # the bridge is shutting down
+            return _error(503, str(e), **ids)
         try:
             fut.result(timeout=confirm_timeout_s)
         except FutureTimeout:

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from confluent_kafka import (OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException,
                              Message, Producer, TopicPartition)
@@ -82,9 +82,11 @@ class KafkaQueueAdmin:
     """Reads lag and dead letters and re-publishes dead letters; one instance per process."""
 
     def __init__(self, client_config: dict[str, Any], dlq_topic: str, *, timeout_s: float = 10.0,
-                 scan_limit: int = 200_000):
+                 scan_limit: int = 200_000, source_topic: Callable[[str], str | None] = lambda s: s):
         self._base = dict(client_config)
         self.dlq_topic = dlq_topic
+        # dlq-source-topic -> the Kafka topic it was meant for (the bridge writes the MQTT topic)
+        self.source_topic = source_topic
         self.timeout_s = timeout_s
         self.scan_limit = scan_limit  # most dead letters one scan reads (bounds the request time)
         self._admin = AdminClient(self._base)
@@ -169,7 +171,7 @@ class KafkaQueueAdmin:
             parts = self._partitions([self.dlq_topic]).get(self.dlq_topic, [])
             consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in parts])
             for msg in self._read_to_end(consumer, len(parts), self.scan_limit):
-                source = _header(msg, SOURCE_HEADER)
+                source = self._source_of(msg)
                 if source in topics:
                     counts[source] += 1
         finally:
@@ -210,7 +212,7 @@ class KafkaQueueAdmin:
                 if retried >= max_messages:
                     break
                 next_offset[msg.partition()] = msg.offset() + 1
-                if _header(msg, SOURCE_HEADER) != topic:
+                if self._source_of(msg) != topic:
                     continue
                 if (_header(msg, REASON_HEADER) or "retries_exhausted") not in RETRIABLE_REASONS:
                     skipped += 1
@@ -232,6 +234,10 @@ class KafkaQueueAdmin:
         finally:
             consumer.close()
         return RetryResult(retried=retried - errors[0], errors=errors[0], skipped=skipped)
+
+    def _source_of(self, msg: Message) -> str | None:
+        header = _header(msg, SOURCE_HEADER)
+        return self.source_topic(header) if header is not None else None
 
     def _committed_or_beginning(self, consumer: Consumer, parts: list[TopicPartition]) -> list[TopicPartition]:
         if not parts:

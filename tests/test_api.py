@@ -11,12 +11,16 @@ import uuid
 from concurrent.futures import Future
 from typing import Any
 
+import httpx
+import paho.mqtt.client as mqtt
 import pytest
 from brokers import consume_all, create_topics, wait_for
 from confluent_kafka import Consumer, Producer, TopicPartition
 from fastapi.testclient import TestClient
+from test_bridge_wire import bridge_config, running
 
 from edge_agent.api import create_app
+from edge_agent.bridge import serve_http
 from edge_agent.config import BridgeConfig
 from edge_agent.envelope import Envelope
 from edge_agent.queue_admin import KafkaQueueAdmin, RetryResult, TopicStatus
@@ -260,3 +264,67 @@ def test_dlq_retry_round_trip_sends_each_letter_once(kafka, unique_topic: str) -
         assert r.headers["dlq-retried-at"].endswith(b"Z")
     # the DLQ keeps every letter: retry copies, it does not delete
     assert admin.count_dead_letters({topic}) == {topic: 4}
+
+
+# --- the API inside a real Bridge, over real HTTP, MQTT and Kafka -------------------------------
+
+@pytest.mark.timeout(120)
+def test_api_of_a_running_bridge_over_the_wire(mqtt_broker, kafka, monkeypatch: pytest.MonkeyPatch) -> None:
+    for env, (token, _role) in TOKENS.items():
+        monkeypatch.setenv(env, token)
+    cfg = bridge_config(mqtt_broker, kafka, http={
+        "tokens": [{"token_env": env, "role": role} for env, (_t, role) in TOKENS.items()]})
+    events, dlq = cfg.topics["camera.events"], cfg.dlq.topic
+    create_topics(kafka, [events, dlq], partitions=1)
+    host, port = cfg.http.host_port
+    with running(cfg) as bridge:
+        stop_http = serve_http(bridge)
+        try:
+            http = httpx.Client(base_url=f"http://{host}:{port}", timeout=30)
+            wait_for(lambda: _answers(http), 15, message="bridge HTTP up")
+            assert http.get("/healthz").json()["mqtt"] == {"connected": True}
+
+            # publish: answered after Kafka confirms; ids and the correlation id travel with the record
+            r = http.post("/api/v1/queue/publish", headers={**auth("system"), "X-Correlation-ID": "order-7"},
+                          json={"topic": "camera.events", "message": {"type": "door.open", "camera_id": "door-cam"}})
+            assert r.status_code == 200, r.text
+            [rec] = consume_all(kafka, events, 1, timeout=20)
+            assert rec.headers["message-id"] == r.json()["messageId"].encode()
+            assert rec.headers["trace-id"] == r.json()["traceId"].encode()
+            body = rec.json()
+            assert (body["type"], body["correlation_id"], body["camera_id"]) == ("door.open", "order-7", "door-cam")
+            assert rec.key == f"{cfg.mqtt.client_id}/door-cam".encode()
+            assert http.post("/api/v1/queue/publish", headers=auth("auditor"),
+                             json={"topic": "camera.events", "message": {}}).status_code == 403
+
+            # poison from a device lands in the DLQ; status counts it against the topic it was meant for
+            pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+            pub.connect(cfg.mqtt.host, cfg.mqtt.port)
+            pub.loop_start()
+            pub.publish(f"{cfg.mqtt.topic_prefix}/gw-9/up/camera.events", b"{not json", qos=1).wait_for_publish(10)
+            pub.loop_stop()
+            pub.disconnect()
+
+            def dead_letters() -> int:
+                s = http.get("/api/v1/queue/status", params={"topic": events}, headers=auth("auditor"))
+                assert s.status_code == 200, s.text
+                [row] = s.json()
+                assert set(row) >= {"topic", "lag", "consumerCount", "dlqSize"} and row["topic"] == events
+                return row["dlqSize"]
+            wait_for(lambda: dead_letters() == 1, 30, message="status shows the dead letter")
+
+            # retry leaves poison where it is: nothing re-sent, the letter is still counted
+            r = http.post("/api/v1/queue/dlq/retry", headers=auth("admin"), json={"topic": events})
+            assert r.status_code == 200 and r.json() == {"retried": 0, "errors": 0, "skipped": 1}
+            assert dead_letters() == 1
+            assert http.post("/api/v1/queue/dlq/retry", headers=auth("auditor"),
+                             json={"topic": events}).status_code == 403
+        finally:
+            stop_http()
+
+
+def _answers(http: httpx.Client) -> bool:
+    try:
+        return http.get("/healthz").status_code == 200
+    except httpx.TransportError:
+        return False
