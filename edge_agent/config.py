@@ -149,6 +149,9 @@ class CameraConfig(Strict):
     fps: float = Field(5.0, gt=0, le=120)
     enabled: bool = True
     stall_s: float = Field(10.0, gt=0)  # no frame this long: camera.frame_stall
+    reconnect_min_s: float = Field(1.0, gt=0)  # backoff between attempts to (re)open the source
+    reconnect_max_s: float = Field(30.0, gt=0)
+    down_after_s: float = Field(60.0, gt=0)  # no frames this long: alert.camera_down (once per outage)
     lines: list[LineConfig] = []
     zones: list[ZoneConfig] = []
 
