@@ -1,0 +1,242 @@
+"""A ByteTrack-class multi-object tracker: Kalman motion and two-stage IoU association.
+
+Written here because the packaged trackers pull heavy dependencies onto an edge box
+(``trackers`` needs supervision and full opencv-python, ``boxmot`` needs torch). It follows
+the ByteTrack paper (Zhang et al., 2022): high-score boxes are matched first, the leftover
+tracks then get a second chance against the low-score boxes (occluded people score low),
+unmatched tracks are kept "lost" for a while so that they can come back with their id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import lap
+import numpy as np
+
+# --- Kalman filter on (cx, cy, aspect, height) with constant velocity ------------------------
+
+_STD_POS = 1.0 / 20  # position noise relative to the box height, as in SORT/DeepSORT/ByteTrack
+_STD_VEL = 1.0 / 160
+_F = np.eye(8)
+_F[:4, 4:] = np.eye(4)
+_H = np.eye(4, 8)
+
+
+def xyxy_to_xyah(b: np.ndarray) -> np.ndarray:
+    w, h = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
+    return np.stack([b[..., 0] + w / 2, b[..., 1] + h / 2, w / np.maximum(h, 1e-6), h], axis=-1)
+
+
+def xyah_to_xyxy(m: np.ndarray) -> np.ndarray:
+    h = m[..., 3]
+    w = m[..., 2] * h
+    return np.stack([m[..., 0] - w / 2, m[..., 1] - h / 2, m[..., 0] + w / 2, m[..., 1] + h / 2], axis=-1)
+
+
+def kalman_initiate(xyah: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    h = xyah[3]
+    std = np.array([2 * _STD_POS * h, 2 * _STD_POS * h, 1e-2, 2 * _STD_POS * h,
+                    10 * _STD_VEL * h, 10 * _STD_VEL * h, 1e-5, 10 * _STD_VEL * h])
+    return np.r_[xyah, np.zeros(4)], np.diag(std ** 2)
+
+
+def kalman_predict(means: np.ndarray, covs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Predict many tracks at once: means (N, 8), covs (N, 8, 8)."""
+    h = means[:, 3]
+    one = np.ones_like(h)
+    std = np.stack([_STD_POS * h, _STD_POS * h, 1e-2 * one, _STD_POS * h,
+                    _STD_VEL * h, _STD_VEL * h, 1e-5 * one, _STD_VEL * h], axis=1)
+    q = np.zeros_like(covs)
+    idx = np.arange(8)
+    q[:, idx, idx] = std ** 2
+    return means @ _F.T, _F @ covs @ _F.T + q
+
+
+def kalman_update(mean: np.ndarray, cov: np.ndarray, xyah: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    h = mean[3]
+    r = np.diag(np.array([_STD_POS * h, _STD_POS * h, 1e-1, _STD_POS * h]) ** 2)
+    s = _H @ cov @ _H.T + r
+    gain = np.linalg.solve(s, (cov @ _H.T).T).T
+    return mean + gain @ (xyah - _H @ mean), cov - gain @ s @ gain.T
+
+
+# --- association -------------------------------------------------------------------------------
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of boxes a (N, 4) and b (M, 4), xyxy."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    tl = np.maximum(a[:, None, :2], b[None, :, :2])
+    br = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(br - tl, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def assign(cost: np.ndarray, limit: float) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """Minimum-cost matching; pairs above ``limit`` stay unmatched."""
+    if cost.size == 0:
+        return [], list(range(cost.shape[0])), list(range(cost.shape[1]))
+    _, rows, cols = lap.lapjv(cost, extend_cost=True, cost_limit=limit)
+    matches = [(i, int(j)) for i, j in enumerate(rows) if j >= 0]
+    return matches, [i for i, j in enumerate(rows) if j < 0], [j for j, i in enumerate(cols) if i < 0]
+
+
+class TrackState(Enum):
+    NEW = 0
+    TRACKED = 1
+    LOST = 2
+    REMOVED = 3
+
+
+@dataclass
+class Track:
+    track_id: int
+    mean: np.ndarray
+    cov: np.ndarray
+    score: float
+    class_id: int
+    start_frame: int
+    last_frame: int
+    state: TrackState = TrackState.NEW
+    activated: bool = False
+    hits: int = 1
+
+    @property
+    def xyxy(self) -> np.ndarray:
+        """The Kalman estimate of the box: smoother than the raw detection."""
+        return xyah_to_xyxy(self.mean[:4])
+
+    def observe(self, box: np.ndarray, score: float, class_id: int, frame: int) -> None:
+        self.mean, self.cov = kalman_update(self.mean, self.cov, xyxy_to_xyah(box))
+        self.score, self.class_id, self.last_frame = score, class_id, frame
+        self.state, self.activated = TrackState.TRACKED, True
+        self.hits += 1
+
+
+@dataclass(frozen=True)
+class TrackedObject:
+    """What the tracker reports per frame for each confirmed track seen in that frame."""
+
+    track_id: int
+    xyxy: np.ndarray
+    score: float
+    class_id: int
+
+
+class ByteTracker:
+    """Feed it one frame's detections at a time with ``update``; it returns the visible tracks."""
+
+    def __init__(self, *, high_thresh: float = 0.5, low_thresh: float = 0.1, new_track_thresh: float | None = None,
+                 match_thresh: float = 0.8, second_match_thresh: float = 0.5, frame_rate: float = 30.0,
+                 lost_seconds: float = 1.0):
+        self.high_thresh = high_thresh
+        self.low_thresh = low_thresh
+        self.new_track_thresh = high_thresh + 0.1 if new_track_thresh is None else new_track_thresh
+        self.match_thresh = match_thresh
+        self.second_match_thresh = second_match_thresh
+        self.max_lost_frames = max(3, int(round(frame_rate * lost_seconds)))
+        self.frame = 0
+        self.tracked: list[Track] = []
+        self.lost: list[Track] = []
+        self._next_id = 1
+
+    def _cost(self, tracks: list[Track], boxes: np.ndarray, classes: np.ndarray,
+              scores: np.ndarray | None) -> np.ndarray:
+        """1 - IoU, fused with the detection score (ByteTrack's fuse_score); other classes never match."""
+        if not tracks or len(boxes) == 0:
+            return np.zeros((len(tracks), len(boxes)))
+        iou = iou_matrix(np.array([t.xyxy for t in tracks]), boxes)
+        if scores is not None:
+            iou = iou * scores[None, :]
+        cost = 1.0 - iou
+        cost[np.array([t.class_id for t in tracks])[:, None] != classes[None, :]] = 1.0
+        return cost
+
+    def _predict(self, tracks: list[Track]) -> None:
+        if not tracks:
+            return
+        means = np.array([t.mean for t in tracks])
+        # A lost track's height velocity is zeroed so that it does not grow or shrink unseen.
+        means[[t.state != TrackState.TRACKED for t in tracks], 7] = 0.0
+        means, covs = kalman_predict(means, np.array([t.cov for t in tracks]))
+        for t, m, c in zip(tracks, means, covs):
+            t.mean, t.cov = m, c
+
+    def update(self, xyxy: np.ndarray, scores: np.ndarray, class_ids: np.ndarray) -> list[TrackedObject]:
+        self.frame += 1
+        keep = scores >= self.low_thresh
+        xyxy, scores, class_ids = xyxy[keep], scores[keep], class_ids[keep]
+        high = scores >= self.high_thresh
+        hi_box, hi_score, hi_cls = xyxy[high], scores[high], class_ids[high]
+        lo_box, lo_cls = xyxy[~high], class_ids[~high]
+
+        unconfirmed = [t for t in self.tracked if not t.activated]
+        pool = [t for t in self.tracked if t.activated] + self.lost
+        self._predict(pool)
+
+        # Stage 1: every confirmed or lost track against the high-score boxes.
+        matches, rest_t, rest_d = assign(self._cost(pool, hi_box, hi_cls, hi_score), self.match_thresh)
+        for ti, di in matches:
+            pool[ti].observe(hi_box[di], float(hi_score[di]), int(hi_cls[di]), self.frame)
+
+        # Stage 2: tracks still visible last frame against the low-score boxes (occlusion).
+        second = [pool[i] for i in rest_t if pool[i].state == TrackState.TRACKED]
+        lo_score = scores[~high]
+        m2, rest2, _ = assign(self._cost(second, lo_box, lo_cls, None), self.second_match_thresh)
+        for ti, di in m2:
+            second[ti].observe(lo_box[di], float(lo_score[di]), int(lo_cls[di]), self.frame)
+        for ti in rest2:
+            second[ti].state = TrackState.LOST
+
+        # Tentative tracks get one frame to be confirmed.
+        left_box, left_score, left_cls = hi_box[rest_d], hi_score[rest_d], hi_cls[rest_d]
+        m3, rest3, rest_d3 = assign(self._cost(unconfirmed, left_box, left_cls, left_score), 0.7)
+        for ti, di in m3:
+            unconfirmed[ti].observe(left_box[di], float(left_score[di]), int(left_cls[di]), self.frame)
+        for ti in rest3:
+            unconfirmed[ti].state = TrackState.REMOVED
+
+        new = [self._start(left_box[d], float(left_score[d]), int(left_cls[d]))
+               for d in rest_d3 if left_score[d] >= self.new_track_thresh]
+        self._housekeep(pool + unconfirmed + new)
+        return [TrackedObject(t.track_id, t.xyxy, t.score, t.class_id)
+                for t in self.tracked if t.activated and t.last_frame == self.frame]
+
+    def _start(self, box: np.ndarray, score: float, class_id: int) -> Track:
+        mean, cov = kalman_initiate(xyxy_to_xyah(box))
+        track = Track(self._next_id, mean, cov, score, class_id, self.frame, self.frame)
+        self._next_id += 1
+        if self.frame == 1:  # as in ByteTrack: boxes of the very first frame are trusted at once
+            track.state, track.activated = TrackState.TRACKED, True
+        return track
+
+    def _housekeep(self, tracks: list[Track]) -> None:
+        for t in tracks:
+            if t.state == TrackState.LOST and self.frame - t.last_frame > self.max_lost_frames:
+                t.state = TrackState.REMOVED
+        self.tracked = [t for t in tracks if t.state in (TrackState.TRACKED, TrackState.NEW)]
+        self.lost = [t for t in tracks if t.state == TrackState.LOST]
+        self._drop_duplicates()
+
+    def _drop_duplicates(self) -> None:
+        """A lost track overlapping a tracked one almost fully is the same object: keep the older."""
+        if not self.tracked or not self.lost:
+            return
+        iou = iou_matrix(np.array([t.xyxy for t in self.tracked]), np.array([t.xyxy for t in self.lost]))
+        drop_tracked, drop_lost = set(), set()
+        for i, j in zip(*np.nonzero(iou > 0.85)):
+            a, b = self.tracked[i], self.lost[j]
+            if a.last_frame - a.start_frame > b.last_frame - b.start_frame:
+                drop_lost.add(j)
+            else:
+                drop_tracked.add(i)
+        self.tracked = [t for i, t in enumerate(self.tracked) if i not in drop_tracked]
+        self.lost = [t for j, t in enumerate(self.lost) if j not in drop_lost]
+
+    def active_ids(self) -> set[int]:
+        """Ids of tracks not yet removed (tracked or lost): the others are gone for good."""
+        return {t.track_id for t in self.tracked if t.activated} | {t.track_id for t in self.lost}
