@@ -1,0 +1,311 @@
+"""Video capture with OpenCV: files, RTSP/HTTP streams and V4L2 devices.
+
+``LatestFrameReader`` runs one thread per camera that reads as fast as the source delivers and
+keeps only the newest frame, so a slow consumer skips frames instead of falling behind. It
+reconnects with exponential backoff and reports what happens to the stream as events.
+``iter_file_frames`` is the offline path of ``edge-agent count``: every frame, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import unquote, urlparse
+
+import cv2
+import numpy as np
+
+from .config import CameraConfig
+
+log = logging.getLogger(__name__)
+
+STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp")
+EventSink = Callable[[str, dict], None]
+
+
+class StreamError(RuntimeError):
+    """A source that cannot be opened or read."""
+
+
+def parse_source(source: str) -> int | str:
+    """A device index, a ``/dev/video*`` path, a stream URL or a local file path."""
+    s = source.strip()
+    if s.isdigit():
+        return int(s)
+    if s.startswith("file://"):
+        return unquote(urlparse(s).path)
+    return s
+
+
+def is_stream(source: int | str) -> bool:
+    return isinstance(source, str) and urlparse(source).scheme.lower() in STREAM_SCHEMES
+
+
+def is_device(source: int | str) -> bool:
+    return isinstance(source, int) or str(source).startswith("/dev/video")
+
+
+def is_file(source: int | str) -> bool:
+    return not is_stream(source) and not is_device(source)
+
+
+def open_capture(source: int | str, *, timeout_s: float = 10.0) -> cv2.VideoCapture:
+    """An opened capture or StreamError saying why not."""
+    if is_file(source) and not Path(source).is_file():
+        raise StreamError(f"no such video file: {source}")
+    if is_device(source):
+        cap = cv2.VideoCapture(source, cv2.CAP_V4L2)
+    elif is_stream(source):
+        # Bounded open and read so that a dead stream surfaces as an error, not a hung thread.
+        ms = int(timeout_s * 1000)
+        cap = cv2.VideoCapture(source, cv2.CAP_FFMPEG,
+                               [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
+    else:
+        cap = cv2.VideoCapture(str(source))
+    if not cap.isOpened():
+        cap.release()
+        raise StreamError(f"cannot open video source {source}")
+    return cap
+
+
+def source_fps(cap: cv2.VideoCapture, default: float = 25.0) -> float:
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    return float(fps) if fps and 0 < fps < 1000 else default
+
+
+def iter_file_frames(path: str | Path, fps: float | None = None, *, prefetch: int = 4) -> Iterator[tuple[int, np.ndarray]]:
+    """(frame index, BGR image) of a video file: every frame, or subsampled to ``fps``.
+
+    Decoding runs in a helper thread (OpenCV releases the GIL) so that it overlaps inference.
+    """
+    cap = open_capture(str(path))
+    src_fps = source_fps(cap)
+    step = 1.0 if not fps or fps >= src_fps else src_fps / fps
+    frames: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def decode() -> None:
+        index, next_keep = 0, 0.0
+        try:
+            while not stop.is_set():
+                if index + 1 < next_keep:  # not kept: grab without decoding
+                    if not cap.grab():
+                        break
+                    index += 1
+                    continue
+                ok, image = cap.read()
+                if not ok:
+                    break
+                next_keep += step
+                frames.put((index, image))
+                index += 1
+        finally:
+            frames.put(None)
+
+    worker = threading.Thread(target=decode, name=f"decode-{Path(path).name}", daemon=True)
+    worker.start()
+    try:
+        while (item := frames.get()) is not None:
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a decoder waiting on a full queue
+            try:
+                frames.get_nowait()
+            except queue.Empty:
+                worker.join(0.05)
+        cap.release()
+
+
+def video_size(path: str | Path) -> tuple[int, int, float, int]:
+    """(width, height, fps, frame count) of a video file."""
+    cap = open_capture(str(path))
+    try:
+        return (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                source_fps(cap), int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+    finally:
+        cap.release()
+
+
+@dataclass(frozen=True)
+class Frame:
+    image: np.ndarray
+    seq: int  # counts every frame read since start, so gaps are skipped frames
+    monotonic: float
+
+
+class RateMeter:
+    """Events per second over a sliding window."""
+
+    def __init__(self, window_s: float = 5.0):
+        self.window_s = window_s
+        self._times: list[float] = []
+
+    def tick(self, now: float) -> None:
+        self._times.append(now)
+        cut = now - self.window_s
+        if self._times[0] < cut:
+            self._times = [t for t in self._times if t >= cut]
+
+    def rate(self, now: float) -> float:
+        recent = [t for t in self._times if t >= now - self.window_s]
+        if len(recent) < 2:
+            return 0.0
+        span = max(now - recent[0], recent[-1] - recent[0])
+        return (len(recent) - 1) / span if span > 0 else 0.0
+
+
+class LatestFrameReader:
+    """One camera's reader thread: newest frame only, reconnects, stream events.
+
+    Events go to ``on_event(type, data)``: ``camera.online``, ``camera.offline``,
+    ``camera.stream_error`` (from here) and ``camera.frame_stall`` (from ``check_stall``).
+    """
+
+    def __init__(self, camera: CameraConfig, on_event: EventSink):
+        self.camera = camera
+        self.source = parse_source(camera.source)
+        self.on_event = on_event
+        self.state = "stopped"
+        self.frames_read = 0
+        self.errors = 0
+        self.last_frame_at = 0.0
+        self.last_attempt_at = time.monotonic()
+        self._latest: Frame | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._meter = RateMeter()
+        self._stall_reported = False
+        self._down_since: float | None = None
+
+    # --- control -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stop.clear()
+        self.state = "connecting"
+        self._down_since = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"capture-{self.camera.id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.state = "stopped"
+
+    # --- consumer side ---------------------------------------------------------------------
+    def latest(self) -> Frame | None:
+        return self._latest
+
+    def wait_newer(self, after_seq: int, timeout: float) -> Frame | None:
+        """The newest frame with seq > after_seq, waiting up to ``timeout``; None if none came."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._stop.is_set() or (self._latest is not None
+                                                                and self._latest.seq > after_seq), timeout)
+            frame = self._latest
+        return frame if frame is not None and frame.seq > after_seq else None
+
+    def camera_fps(self) -> float:
+        return self._meter.rate(time.monotonic())
+
+    def down_for(self, now: float) -> float:
+        """Seconds since the camera last delivered frames (0 while it does)."""
+        return 0.0 if self._down_since is None else now - self._down_since
+
+    def check_stall(self, now: float) -> None:
+        """A running camera that delivered nothing for ``stall_s``: one frame_stall per stall."""
+        if self.state != "running" or self.last_frame_at == 0.0:
+            return
+        age = now - self.last_frame_at
+        if age >= self.camera.stall_s and not self._stall_reported:
+            self._stall_reported = True
+            self.state = "stalled"
+            self._down_since = self.last_frame_at
+            self.on_event("camera.frame_stall", {"source": self._safe_source(), "seconds_without_frame": round(age, 3)})
+
+    # --- reader thread ---------------------------------------------------------------------
+    def _safe_source(self) -> str:
+        """The source without credentials (rtsp://user:pass@host)."""
+        s = str(self.source)
+        u = urlparse(s)
+        if u.password:
+            return s.replace(f"{u.username}:{u.password}@", f"{u.username}:***@")
+        return s
+
+    def _run(self) -> None:
+        delay = self.camera.reconnect_min_s
+        while not self._stop.is_set():
+            self.last_attempt_at = time.monotonic()
+            try:
+                cap = open_capture(self.source, timeout_s=self.camera.stall_s)
+            except StreamError as e:
+                delay = self._failed(str(e), delay)
+                continue
+            ended = self._read_until_failure(cap)
+            cap.release()
+            if ended:
+                return
+            delay = self.camera.reconnect_min_s if self.frames_read else delay
+            if not self._stop.is_set():
+                delay = self._failed("stream stopped delivering frames", delay)
+
+    def _failed(self, reason: str, delay: float) -> float:
+        """Report a failed attempt and wait ``delay``; returns the next (doubled) delay."""
+        self.errors += 1
+        was_online = self.state in ("running", "stalled")
+        self.state = "connecting"
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        if was_online:
+            self.on_event("camera.offline", {"source": self._safe_source(), "reason": reason})
+        self.on_event("camera.stream_error", {"source": self._safe_source(), "error": reason,
+                                              "attempt": self.errors, "retry_in_s": round(delay, 3)})
+        log.warning("camera %s: %s; retrying in %.1f s", self.camera.id, reason, delay)
+        self._stop.wait(delay)
+        return min(delay * 2, self.camera.reconnect_max_s)
+
+    def _read_until_failure(self, cap: cv2.VideoCapture) -> bool:
+        """Read frames until the source fails (False) or a file ends without loop (True)."""
+        pace = 1.0 / source_fps(cap) if is_file(self.source) else 0.0
+        started = time.monotonic()
+        n_since_open = 0
+        while not self._stop.is_set():
+            ok, image = cap.read()
+            if not ok and is_file(self.source) and self.camera.loop and n_since_open > 0:
+                cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                ok, image = cap.read()
+            if not ok:
+                if is_file(self.source) and not self.camera.loop and n_since_open > 0:
+                    self.state = "ended"
+                    self.on_event("camera.offline", {"source": self._safe_source(), "reason": "end of file"})
+                    return True
+                return False
+            n_since_open += 1
+            self._publish(image)
+            if pace:  # a file plays at its own frame rate, like a live camera would
+                self._stop.wait(max(0.0, started + n_since_open * pace - time.monotonic()))
+        return True
+
+    def _publish(self, image: np.ndarray) -> None:
+        now = time.monotonic()
+        if self.state != "running":
+            back = self.state == "stalled"
+            self.state = "running"
+            self._down_since = None
+            if not back:
+                self.on_event("camera.online", {"source": self._safe_source(),
+                                                "width": int(image.shape[1]), "height": int(image.shape[0])})
+        self._stall_reported = False
+        self.frames_read += 1
+        self.last_frame_at = self.last_attempt_at = now
+        self._meter.tick(now)
+        with self._cond:
+            self._latest = Frame(image, self.frames_read, now)
+            self._cond.notify_all()

@@ -1,0 +1,476 @@
+"""capture -> detect -> track -> count, per camera.
+
+``CountingStage`` turns one frame's detections into tracks, crossings and zone occupancy; it is
+the part shared by the daemon's ``CameraWorker`` (live, paced to the camera's fps, events to
+the outbox) and by the offline ``edge-agent count`` command (every frame of a file, one JSON).
+Threads only: per camera one reader thread (capture.py) and one processing thread (here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+from pydantic import ValidationError
+
+from . import metrics
+from .capture import LatestFrameReader, RateMeter, StreamError, iter_file_frames, video_size
+from .config import CameraConfig, LineConfig, ModelConfig, ZoneConfig
+from .count import CounterStore, Crossing, LineCounter, LineTotals, ZoneCounter
+from .detect import LOW_SCORE_FLOOR, Detections, Detector, ModelFormatError, UnknownClassError
+from .envelope import Draft
+from .track import ByteTracker, TrackedObject
+
+log = logging.getLogger(__name__)
+
+# Debounce: a crossing counts once the track was seen this long on the new side.
+CONFIRM_SECONDS = 0.3
+MIN_CONFIRM_FRAMES = 2
+# A track unseen this long is gone (its id will not come back).
+LOST_SECONDS = 1.5
+# An occupancy excursion ends after this many frames at or under the limit (no flapping alerts).
+OCCUPANCY_CLEAR_FRAMES = 3
+
+
+def confirm_frames(fps: float) -> int:
+    return max(MIN_CONFIRM_FRAMES, int(round(fps * CONFIRM_SECONDS)))
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class StepResult:
+    tracks: list[TrackedObject]
+    crossings: list[Crossing]
+    occupancy: dict[str, int]
+    tracking_ms: float = 0.0
+
+
+class CountingStage:
+    """Tracker + line and zone counters for one camera's picture size."""
+
+    def __init__(self, lines: list[LineConfig], zones: list[ZoneConfig], width: int, height: int,
+                 class_names: list[str], *, fps: float, confidence: float):
+        self.size = (width, height)
+        self.names = class_names
+        self.tracker = ByteTracker(high_thresh=confidence, low_thresh=min(LOW_SCORE_FLOOR, confidence),
+                                   frame_rate=fps, lost_seconds=LOST_SECONDS)
+        frames = confirm_frames(fps)
+        self.lines = [LineCounter(line, width, height, min_frames=frames) for line in lines]
+        self.zones = [ZoneCounter(zone, width, height) for zone in zones]
+        self._alive: set[int] = set()
+
+    def step(self, dets: Detections, frame: int, ts: float) -> StepResult:
+        t0 = time.perf_counter()
+        tracks = self.tracker.update(dets.xyxy, dets.scores, dets.class_ids)
+        crossings: list[Crossing] = []
+        for t in tracks:
+            name = self.names[t.class_id]
+            for line in self.lines:
+                if line.wants(name) and (c := line.observe(t.track_id, t.xyxy, name, frame, ts)):
+                    crossings.append(c)
+        alive = self.tracker.active_ids()
+        for gone in self._alive - alive:
+            crossings.extend(c for line in self.lines if (c := line.end_track(gone)))
+        self._alive = alive
+        boxes = [(t.xyxy, self.names[t.class_id]) for t in tracks]
+        occupancy = {z.id: z.occupancy(boxes) for z in self.zones}
+        return StepResult(tracks, crossings, occupancy, (time.perf_counter() - t0) * 1e3)
+
+    def finish(self) -> list[Crossing]:
+        """End of the video: every track ends, pending crossings count."""
+        return [c for line in self.lines for c in line.end_all()]
+
+
+# --- edge-agent count ------------------------------------------------------------------------
+
+class UsageError(ValueError):
+    """A command-line argument that cannot be used; the message says which and why."""
+
+
+def _numbers(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{what}: not numbers") from None
+
+
+def parse_line_arg(text: str) -> LineConfig:
+    """``ID:x1,y1,x2,y2`` in normalised coordinates."""
+    ident, sep, rest = text.partition(":")
+    nums = _numbers(rest, f"--line {text!r}") if sep else []
+    if not sep or len(nums) != 4:
+        raise UsageError(f"--line {text!r}: expected ID:x1,y1,x2,y2 (normalised 0..1)")
+    try:
+        return LineConfig(id=ident, points=((nums[0], nums[1]), (nums[2], nums[3])))
+    except ValidationError as e:
+        raise UsageError(f"--line {text!r}: {e.errors()[0]['msg']}") from None
+
+
+def parse_zone_arg(text: str) -> ZoneConfig:
+    """``ID:x,y;x,y;x,y…`` in normalised coordinates."""
+    ident, sep, rest = text.partition(":")
+    if not sep:
+        raise UsageError(f"--zone {text!r}: expected ID:x,y;x,y;x,y…")
+    points = [_numbers(p, f"--zone {text!r}") for p in rest.split(";") if p.strip()]
+    if any(len(p) != 2 for p in points):
+        raise UsageError(f"--zone {text!r}: every point is x,y")
+    try:
+        return ZoneConfig(id=ident, polygon=[(p[0], p[1]) for p in points])
+    except ValidationError as e:
+        raise UsageError(f"--zone {text!r}: {e.errors()[0]['loc']} {e.errors()[0]['msg']}") from None
+
+
+@dataclass
+class CountReport:
+    frames: int = 0
+    seconds: float = 0.0
+    totals: LineTotals = field(default_factory=LineTotals)
+    occupancy_sum: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    occupancy_max: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    timing_sum: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    crossings: list[Crossing] = field(default_factory=list)
+
+    def as_dict(self, line_ids: list[str], zone_ids: list[str]) -> dict[str, Any]:
+        n = max(self.frames, 1)
+        timing = {f"{k}_ms": round(v / n, 3) for k, v in self.timing_sum.items()}
+        overhead = sum(self.timing_sum[k] for k in ("preprocess", "postprocess", "tracking"))
+        timing["overhead_vs_inference_pct"] = round(100 * overhead / max(self.timing_sum["inference"], 1e-9), 2)
+        return {"frames": self.frames, "seconds": round(self.seconds, 3),
+                "fps": round(self.frames / self.seconds, 2) if self.seconds else 0.0,
+                "lines": self.totals.as_dict(line_ids),
+                "zones": {z: {"avg": round(self.occupancy_sum[z] / n, 3), "max": self.occupancy_max[z]}
+                          for z in zone_ids},
+                "timing": timing}
+
+
+def count_video(video: str | Path, detector: Detector, lines: list[LineConfig], zones: list[ZoneConfig], *,
+                fps: float | None = None, max_frames: int | None = None,
+                on_step: Callable[[int, StepResult], None] | None = None) -> CountReport:
+    """Count a video file offline with the same stages as the daemon."""
+    width, height, src_fps, _ = video_size(video)
+    stage = CountingStage(lines, zones, width, height, detector.names,
+                          fps=min(fps or src_fps, src_fps), confidence=detector.confidence)
+    report = CountReport()
+    started = time.perf_counter()
+    for index, image in iter_file_frames(video, fps):
+        if max_frames is not None and report.frames >= max_frames:
+            break
+        dets = detector.run(image)
+        step = stage.step(dets, index, index / src_fps)
+        _add_step(report, dets, step)
+        if on_step is not None:
+            on_step(index, step)
+    for c in stage.finish():
+        report.totals.add(c)
+        report.crossings.append(c)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _add_step(report: CountReport, dets: Detections, step: StepResult) -> None:
+    report.frames += 1
+    for k, v in dets.timing_ms.items():
+        report.timing_sum[k] += v
+    report.timing_sum["tracking"] += step.tracking_ms
+    for c in step.crossings:
+        report.totals.add(c)
+        report.crossings.append(c)
+    for z, n in step.occupancy.items():
+        report.occupancy_sum[z] += n
+        report.occupancy_max[z] = max(report.occupancy_max[z], n)
+
+
+def _print_human(result: dict[str, Any]) -> None:
+    print(f"{result['frames']} frames in {result['seconds']} s ({result['fps']} fps)")
+    for line, c in result["lines"].items():
+        print(f"line {line}: in {c['in']}, out {c['out']}")
+    for zone, z in result["zones"].items():
+        print(f"zone {zone}: occupancy avg {z['avg']}, max {z['max']}")
+    t = result["timing"]
+    print("per frame: " + ", ".join(f"{k} {v}" for k, v in t.items()))
+
+
+def count_command(args: argparse.Namespace) -> int:
+    """``edge-agent count``: exit 0, or 2 with one clear line on stderr for unusable input."""
+    try:
+        lines = [parse_line_arg(s) for s in args.line]
+        zones = [parse_zone_arg(s) for s in args.zone]
+        if not lines and not zones:
+            raise UsageError("give at least one --line or --zone")
+        ids = [x.id for x in lines] + [z.id for z in zones]
+        if len(set(ids)) != len(ids):
+            raise UsageError("line and zone ids must be unique")
+        if args.fps is not None and args.fps <= 0:
+            raise UsageError("--fps must be positive")
+        model = ModelConfig(path=Path(args.model), format=args.format,
+                            classes=[c.strip() for c in args.classes.split(",") if c.strip()],
+                            **({"confidence": args.confidence} if args.confidence is not None else {}),
+                            **({"threads": args.threads} if args.threads is not None else {}))
+        detector = Detector(model)
+        report = count_video(args.video, detector, lines, zones, fps=args.fps)
+    except (UsageError, ModelFormatError, UnknownClassError, FileNotFoundError, StreamError) as e:
+        print(f"edge-agent count: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        err = e.errors()[0]
+        print(f"edge-agent count: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
+    result = report.as_dict([x.id for x in lines], [z.id for z in zones])
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_human(result)
+    return 0
+
+
+# --- the daemon's per-camera worker ------------------------------------------------------------
+
+@dataclass
+class _Interval:
+    """What one counting.interval reports; reset after each report."""
+
+    started_wall: float
+    started: float
+    frames: int = 0
+    skipped: int = 0
+    inference_ms: float = 0.0
+    totals: LineTotals = field(default_factory=LineTotals)
+    occupancy_sum: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    occupancy_max: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class CameraWorker:
+    """One camera in the daemon: a reader thread and a processing thread; events go to ``emit``."""
+
+    def __init__(self, camera: CameraConfig, model: ModelConfig, emit: Callable[[Draft], Any], *,
+                 device_id: str, report_interval_s: float, state_dir: Path, detector: Detector | None = None):
+        self.camera = camera
+        self.model = model
+        self.emit = emit
+        self.device_id = device_id
+        self.report_interval_s = report_interval_s
+        self.detector = detector or Detector(model)
+        self.store = CounterStore(Path(state_dir) / f"counts-{camera.id}.json")
+        self.reader = LatestFrameReader(camera, self._on_camera_event)
+        self._stage: CountingStage | None = None
+        self._lock = threading.Lock()  # guards the interval and the totals (report vs. processing)
+        self._interval = _Interval(time.time(), time.monotonic())
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._beat = time.monotonic()
+        self._frames = 0
+        self._skipped = 0
+        self._meter = RateMeter()
+        self._last_counts_saved = 0.0
+        self._dirty = False
+        self._over: dict[str, bool] = defaultdict(bool)
+        self._under_frames: dict[str, int] = defaultdict(int)
+        self._down_alerted = False
+        self._last_error: str | None = None
+
+    # --- life cycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stop.clear()
+        self._beat = time.monotonic()
+        self.reader.start()
+        self._thread = threading.Thread(target=self._run, name=f"camera-{self.camera.id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop both threads, count what is pending, emit the last interval and save the totals."""
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        was_online = self.reader.state in ("running", "stalled")
+        self.reader.stop(timeout)
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._stage is not None:
+            self._record_crossings(self._stage.finish())
+        if was_online:
+            self._emit("camera.events", "camera.offline", {"source": self.reader._safe_source(), "reason": "stopped"})
+        self.flush_report()
+
+    def heartbeat(self) -> float:
+        """Monotonic time the processing loop last went round (it wakes at least twice a second)."""
+        return self._beat
+
+    # --- observers -------------------------------------------------------------------------
+    def status(self) -> dict:
+        now = time.monotonic()
+        state = "stopped" if self._stop.is_set() or self._thread is None else self.reader.state
+        if state == "ended":
+            state = "stopped"
+        with self._lock:
+            counts = self.store.totals.as_dict([line.id for line in self.camera.lines])
+        return {"id": self.camera.id, "state": state,
+                "camera_fps": round(self.reader.camera_fps(), 2), "processed_fps": round(self._meter.rate(now), 2),
+                "skipped": self._skipped, "frames": self._frames,
+                "last_frame_age_s": round(now - self.reader.last_frame_at, 3) if self.reader.last_frame_at else None,
+                "counts": counts}
+
+    def latest_jpeg(self) -> bytes | None:
+        frame = self.reader.latest()
+        if frame is None:
+            return None
+        ok, buf = cv2.imencode(".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        return buf.tobytes() if ok else None
+
+    # --- events ----------------------------------------------------------------------------
+    def _emit(self, stream: str, type_: str, data: dict) -> None:
+        """Hand an event to the outbox; a full or failing outbox must not stop the camera."""
+        try:
+            self.emit(Draft(stream=stream, type=type_, data=data, camera_id=self.camera.id))
+        except Exception as e:  # OutboxFull and friends: logged, counting goes on
+            log.warning("camera %s: could not queue %s: %s: %s", self.camera.id, type_, type(e).__name__, e)
+
+    def _on_camera_event(self, type_: str, data: dict) -> None:
+        if type_ == "camera.stream_error":
+            self._last_error = data.get("error")
+            metrics.FRAMES.labels(self.camera.id, "error").inc()
+        if type_ == "camera.online":
+            self._down_alerted = False
+        self._emit("camera.events", type_, data)
+
+    def _check_camera_down(self, now: float) -> None:
+        down = self.reader.down_for(now)
+        if down >= self.camera.down_after_s and not self._down_alerted and self.reader.state != "ended":
+            self._down_alerted = True
+            self._emit("notifications", "alert.camera_down",
+                       {"source": self.reader._safe_source(), "down_for_s": round(down, 1),
+                        "last_error": self._last_error})
+
+    # --- processing thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        last_seq = 0
+        next_due = time.monotonic()
+        next_report = time.monotonic() + self.report_interval_s
+        period = 1.0 / self.camera.fps
+        while not self._stop.is_set():
+            now = self._beat = time.monotonic()
+            self.reader.check_stall(now)
+            self._check_camera_down(now)
+            if now >= next_report:
+                self.flush_report()
+                next_report = now + self.report_interval_s
+            if now < next_due:  # pace to the camera's fps; newer frames replace older ones meanwhile
+                self._stop.wait(min(next_due - now, 0.5))
+                continue
+            frame = self.reader.wait_newer(last_seq, timeout=0.5)
+            if frame is None:
+                continue
+            skipped = frame.seq - last_seq - 1 if last_seq else 0
+            last_seq = frame.seq
+            next_due = max(next_due + period, time.monotonic() - period)
+            try:
+                self._process(frame.image, skipped)
+            except Exception:  # one bad frame must not end the camera
+                log.exception("camera %s: frame %d failed", self.camera.id, frame.seq)
+                metrics.FRAMES.labels(self.camera.id, "error").inc()
+
+    def _stage_for(self, image: np.ndarray) -> CountingStage:
+        h, w = image.shape[:2]
+        if self._stage is None or self._stage.size != (w, h):
+            if self._stage is not None:  # resolution changed after a reconnect: tracks restart
+                self._record_crossings(self._stage.finish())
+            self._stage = CountingStage(self.camera.lines, self.camera.zones, w, h, self.detector.names,
+                                        fps=self.camera.fps, confidence=self.model.confidence)
+        return self._stage
+
+    def _process(self, image: np.ndarray, skipped: int) -> None:
+        stage = self._stage_for(image)
+        dets = self.detector.run(image)
+        self._frames += 1
+        step = stage.step(dets, self._frames, time.time())
+        now = time.monotonic()
+        self._meter.tick(now)
+        self._skipped += skipped
+        metrics.FRAMES.labels(self.camera.id, "processed").inc()
+        if skipped:
+            metrics.FRAMES.labels(self.camera.id, "skipped").inc(skipped)
+        metrics.INFERENCE_SECONDS.observe(dets.timing_ms["inference"] / 1e3)
+        metrics.CAMERA_FPS.labels(self.camera.id).set(self._meter.rate(now))
+        with self._lock:
+            iv = self._interval
+            iv.frames += 1
+            iv.skipped += skipped
+            iv.inference_ms += dets.timing_ms["inference"]
+            for z, n in step.occupancy.items():
+                iv.occupancy_sum[z] += n
+                iv.occupancy_max[z] = max(iv.occupancy_max[z], n)
+        self._record_crossings(step.crossings)
+        self._check_occupancy(step.occupancy)
+        if self._dirty and now - self._last_counts_saved >= 1.0:
+            self._save_counts(now)
+
+    def _record_crossings(self, crossings: list[Crossing]) -> None:
+        for c in crossings:
+            with self._lock:
+                self._interval.totals.add(c)
+                self.store.totals.add(c)
+                self._dirty = True
+            metrics.CROSSINGS.labels(self.camera.id, c.line, c.direction, c.class_name).inc()
+            self._emit("ai.inference.results", "counting.crossing",
+                       {"line": c.line, "direction": c.direction, "class": c.class_name,
+                        "track_id": c.track_id, "ts": iso(c.ts)})
+
+    def _save_counts(self, now: float) -> None:
+        with self._lock:
+            try:
+                self.store.save()
+                self._dirty = False
+            except OSError as e:
+                log.error("camera %s: cannot save counters to %s: %s", self.camera.id, self.store.path, e)
+        self._last_counts_saved = now
+
+    def _check_occupancy(self, occupancy: dict[str, int]) -> None:
+        """One alert per excursion above max_occupancy."""
+        for zone in self.camera.zones:
+            if zone.max_occupancy is None:
+                continue
+            n = occupancy.get(zone.id, 0)
+            if n > zone.max_occupancy:
+                self._under_frames[zone.id] = 0
+                if not self._over[zone.id]:
+                    self._over[zone.id] = True
+                    self._emit("notifications", "alert.occupancy",
+                               {"zone": zone.id, "occupancy": n, "max_occupancy": zone.max_occupancy,
+                                "ts": iso(time.time())})
+            elif self._over[zone.id]:
+                self._under_frames[zone.id] += 1
+                if self._under_frames[zone.id] >= OCCUPANCY_CLEAR_FRAMES:
+                    self._over[zone.id] = False
+
+    def flush_report(self) -> None:
+        """Emit a counting.interval for the time since the last one (nothing when it is empty)."""
+        now_wall, now = time.time(), time.monotonic()
+        with self._lock:
+            iv = self._interval
+            if iv.frames == 0 and not iv.totals.lines and now - iv.started < 1.0:
+                return
+            self._interval = _Interval(now_wall, now)
+            cumulative = self.store.totals.as_dict([line.id for line in self.camera.lines])
+        elapsed = max(now - iv.started, 1e-9)
+        interval_counts = iv.totals.as_dict([line.id for line in self.camera.lines])
+        data = {"from": iso(iv.started_wall), "to": iso(now_wall), "interval_s": round(elapsed, 3),
+                "frames": iv.frames, "skipped": iv.skipped, "fps": round(iv.frames / elapsed, 2),
+                "camera_fps": round(self.reader.camera_fps(), 2),
+                "inference_ms": round(iv.inference_ms / iv.frames, 2) if iv.frames else None,
+                "lines": {lid: {**interval_counts[lid], "cumulative": cumulative[lid]} for lid in interval_counts},
+                "zones": {z.id: {"avg": round(iv.occupancy_sum[z.id] / iv.frames, 3) if iv.frames else 0.0,
+                                 "max": iv.occupancy_max[z.id]} for z in self.camera.zones}}
+        self._emit("ai.inference.results", "counting.interval", data)
+        self._save_counts(now)

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Counted vs true line crossings on the shared clips, and the fps of the counting pipeline.
+
+Truth comes from the clip's MOTChallenge gt.txt by the DESIGN rule (bottom-centre anchor,
+the step between consecutive observations of a track intersects the directed segment;
+gt frame N is video frame N-1). ``--peer`` also runs YOLOX-nano + supervision's ByteTrack +
+LineZone (bottom-centre, minimum_crossing_threshold 3) on the same detections pipeline, when
+supervision is installed. The last line printed is one JSON object.
+
+    .venv/bin/python scripts/bench_count.py                      # PETS09-S2L1, default lines
+    .venv/bin/python scripts/bench_count.py --clip TUD-Campus --line a:0,0.6,1,0.6 --peer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from edge_agent.capture import iter_file_frames, video_size  # noqa: E402
+from edge_agent.config import LineConfig, ModelConfig  # noqa: E402
+from edge_agent.count import Segment  # noqa: E402
+from edge_agent.detect import Detector  # noqa: E402
+from edge_agent.pipeline import count_video, parse_line_arg  # noqa: E402
+
+SHARED = Path(os.environ.get("EDGE_SHARED_DIR", REPO.parent / "shared"))
+CLIPS = {"PETS09-S2L1": "PETS09-S2L1.avi", "TUD-Campus": "TUD-Campus.mp4", "TUD-Stadtmitte": "TUD-Stadtmitte.mp4"}
+# Vertical, horizontal, diagonal, short segments and lines along the main walking directions.
+DEFAULT_LINES = ["v:0.5,0,0.5,1", "h:0,0.6,1,0.6", "d1:0,0,1,1", "d2:1,0,0,1", "vl:0.25,0.2,0.25,0.9",
+                 "vr:0.75,0.3,0.75,1", "hs:0.3,0.45,0.7,0.45", "hl:0.1,0.8,0.9,0.8"]
+
+
+def load_gt(clip: str) -> dict[int, list[tuple[int, np.ndarray]]]:
+    """track id -> [(video frame, xyxy)] sorted by frame."""
+    rows = np.loadtxt(SHARED / "footage" / clip / "gt.txt", delimiter=",", ndmin=2)
+    tracks: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for r in rows[np.lexsort((rows[:, 0], rows[:, 1]))]:
+        x, y, w, h = r[2:6]
+        tracks[int(r[1])].append((int(r[0]) - 1, np.array([x, y, x + w, y + h])))
+    return tracks
+
+
+def true_counts(tracks: dict, line: LineConfig, width: int, height: int) -> dict[str, int]:
+    seg = Segment.from_normalised(line.points, width, height)
+    counts = {"in": 0, "out": 0}
+    for obs in tracks.values():
+        pts = [((b[0] + b[2]) / 2, b[3]) for _, b in obs]
+        for a, b in zip(pts, pts[1:]):
+            if d := seg.crossing(a, b):
+                counts[d] += 1
+    return counts
+
+
+def error_of(counted: dict, truth: dict) -> int:
+    return abs(counted["in"] - truth["in"]) + abs(counted["out"] - truth["out"])
+
+
+def run_ours(video: Path, model: ModelConfig, lines: list[LineConfig], fps: float | None) -> tuple[dict, dict]:
+    detector = Detector(model)
+    report = count_video(video, detector, lines, [], fps=fps)
+    result = report.as_dict([x.id for x in lines], [])
+    return {k: {"in": v["in"], "out": v["out"]} for k, v in result["lines"].items()}, result
+
+
+def run_peer(video: Path, model: ModelConfig, lines: list[LineConfig]) -> tuple[dict, float] | None:
+    """YOLOX-nano + supervision ByteTrack + LineZone; None when supervision is missing."""
+    try:
+        import supervision as sv
+    except ImportError:
+        return None
+    width, height, src_fps, _ = video_size(video)
+    detector = Detector(model)
+    tracker = sv.ByteTrack(frame_rate=int(round(src_fps)))
+    zones = {x.id: sv.LineZone(start=sv.Point(x.points[0][0] * width, x.points[0][1] * height),
+                               end=sv.Point(x.points[1][0] * width, x.points[1][1] * height),
+                               triggering_anchors=[sv.Position.BOTTOM_CENTER], minimum_crossing_threshold=3)
+             for x in lines}
+    swap = _peer_direction_is_swapped(sv)
+    start = time.perf_counter()
+    frames = 0
+    for _, image in iter_file_frames(video):
+        d = detector.run(image)
+        dets = tracker.update_with_detections(sv.Detections(xyxy=d.xyxy, confidence=d.scores, class_id=d.class_ids))
+        for zone in zones.values():
+            zone.trigger(dets)
+        frames += 1
+    fps = frames / (time.perf_counter() - start)
+    counts = {k: ({"in": z.out_count, "out": z.in_count} if swap else {"in": z.in_count, "out": z.out_count})
+              for k, z in zones.items()}
+    return counts, fps
+
+
+def _peer_direction_is_swapped(sv) -> bool:
+    """Supervision's in/out convention, checked on a box crossing the DESIGN example line right->left."""
+    zone = sv.LineZone(start=sv.Point(50, 0), end=sv.Point(50, 100), triggering_anchors=[sv.Position.BOTTOM_CENTER],
+                       minimum_crossing_threshold=1)
+    for x in (80, 70, 30, 20):
+        zone.trigger(sv.Detections(xyxy=np.array([[x - 5, 40, x + 5, 60]], float), tracker_id=np.array([1]),
+                                   class_id=np.array([0]), confidence=np.array([0.9])))
+    return zone.out_count > zone.in_count  # DESIGN: right -> left on a downward line is "in"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clip", default="PETS09-S2L1", choices=sorted(CLIPS))
+    ap.add_argument("--line", action="append", help="ID:x1,y1,x2,y2 (default: a set of 8 lines)")
+    ap.add_argument("--model", default=str(SHARED / "models" / "yolox_nano.onnx"))
+    ap.add_argument("--fps", type=float, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peer", action="store_true", help="also run supervision ByteTrack + LineZone")
+    args = ap.parse_args()
+
+    video = SHARED / "footage" / args.clip / CLIPS[args.clip]
+    lines = [parse_line_arg(s) for s in (args.line or DEFAULT_LINES)]
+    width, height, _, _ = video_size(video)
+    gt = load_gt(args.clip)
+    truth = {x.id: true_counts(gt, x, width, height) for x in lines}
+    model = ModelConfig(path=Path(args.model), threads=args.threads, classes=["person"])
+
+    ours, result = run_ours(video, model, lines, args.fps)
+    out = {"clip": args.clip, "frames": result["frames"], "fps": result["fps"], "timing": result["timing"],
+           "truth": truth, "ours": ours}
+    total_truth = sum(t["in"] + t["out"] for t in truth.values())
+    out["ours_error"] = sum(error_of(ours[k], truth[k]) for k in truth)
+    out["ours_error_pct"] = round(100 * out["ours_error"] / max(total_truth, 1), 1)
+    for k in truth:
+        print(f"{k:>4} truth in {truth[k]['in']:3d} out {truth[k]['out']:3d} | ours in {ours[k]['in']:3d} "
+              f"out {ours[k]['out']:3d}", file=sys.stderr)
+    if args.peer:
+        peer = run_peer(video, model, lines)
+        if peer is None:
+            out["peer"] = "supervision not installed"
+        else:
+            counts, peer_fps = peer
+            out.update(peer=counts, peer_fps=round(peer_fps, 2),
+                       peer_error=sum(error_of(counts[k], truth[k]) for k in truth))
+            out["peer_error_pct"] = round(100 * out["peer_error"] / max(total_truth, 1), 1)
+            for k in truth:
+                print(f"{k:>4} peer in {counts[k]['in']:3d} out {counts[k]['out']:3d}", file=sys.stderr)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
