@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import ssl
+import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -27,6 +29,7 @@ from brokers import (
 )
 
 pytestmark = pytest.mark.timeout(120)
+REPO = Path(__file__).resolve().parent.parent
 
 
 class V5Client:
@@ -322,3 +325,74 @@ def test_agent_process_runs_cli_and_is_killed(tmp_path: Path, agent_process: Any
     assert sleeper.alive
     assert sleeper.kill() == -9
     assert not sleeper.alive
+
+
+def test_agent_process_kills_the_whole_group(tmp_path: Path) -> None:
+    """Grandchildren die too: a killed daemon must not leave a helper holding a port."""
+    pidfile = tmp_path / "grandchild.pid"
+    proc = AgentProcess([], tmp_path / "group.log")
+    proc.argv = ["bash", "-c", f"sleep 300 & echo $! > {pidfile}; wait"]
+    proc.start()
+    grandchild = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, message="pid file"))
+    proc.stop(timeout=5)
+    wait_for(lambda: _gone(grandchild), 10, message=f"grandchild {grandchild} gone")
+
+
+def _gone(pid: int) -> bool:
+    """Dead or a zombie (reaping orphans is PID 1's job, not ours)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+# --- shared data -----------------------------------------------------------------------------
+
+def test_model_and_footage_fixtures(model_path: Path, footage: Any) -> None:
+    import cv2
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    clip = footage("PETS09-S2L1")
+    cap = cv2.VideoCapture(str(clip))
+    try:
+        ok, frame = cap.read()
+    finally:
+        cap.release()
+    assert ok and frame.shape == (576, 768, 3)
+    # Never committed: the model and footage stay outside the repository.
+    assert REPO not in model_path.parents and REPO not in clip.parents
+
+
+def test_missing_footage_skips(footage: Any) -> None:
+    with pytest.raises(pytest.skip.Exception, match="footage no-such-clip missing"):
+        footage("no-such-clip")
+
+
+# --- install and CI plumbing -----------------------------------------------------------------
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test   #" in readme and "make demo   #" in readme
+    assert "set -euo pipefail" in ci
+    assert ci.strip().splitlines()[-1] == "make test"
+    assert os.access(REPO / ".ci" / "run", os.X_OK)
+
+
+def test_make_test_sets_up_then_runs_the_whole_suite() -> None:
+    dry = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == ["scripts/setup_env.sh", ".venv/bin/pytest -q"]
+
+
+@pytest.mark.timeout(600)
+def test_setup_env_is_idempotent() -> None:
+    """Run twice (as `make test` does every time): both succeed, the second changes nothing."""
+    for _ in range(2):
+        run = subprocess.run(["bash", "scripts/setup_env.sh"], cwd=REPO, capture_output=True, text=True, timeout=540)
+        assert run.returncode == 0, run.stderr
+    assert "installing" not in run.stdout  # Debian packages already there: apt was not touched
+    assert run.stdout.strip().startswith("setup_env: ready (Python 3.1")
