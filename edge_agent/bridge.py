@@ -346,7 +346,7 @@ class Bridge:
             self._phase = _DONE
             self._room.notify_all()
         self._mqtt_thread.join(timeout=max(2.0, deadline - time.monotonic()))
-        self._producer.flush(1.0)
+        self._close_producer(self._producer)
         log.info("bridge stopped", extra={"topic": self.subscription})
         return settled
 
@@ -650,8 +650,14 @@ class Bridge:
         with self._lock:
             old, self._producer = self._producer, self._new_producer()
         # Purged records come back through _failed and go to the new producer at once.
-        old.purge(in_queue=True, in_flight=True)
-        old.flush(5.0)
+        self._close_producer(old)
+
+    @staticmethod
+    def _close_producer(producer: Producer) -> None:
+        """Purge first: close() alone would wait for a broker that may never answer."""
+        producer.purge(in_queue=True, in_flight=True)
+        producer.flush(5.0)  # serves the purge reports
+        producer.close()
 
 
 def _header(headers: list[tuple[str, bytes]], name: str) -> str:

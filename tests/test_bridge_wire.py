@@ -341,6 +341,27 @@ def test_kafka_killed_and_restarted_the_bridge_holds_acks_and_recovers_by_itself
     assert metric("edge_bridge_dlq_total", reason="retries_exhausted") == dlq_before
 
 
+def test_a_producer_stuck_after_a_quick_broker_restart_is_replaced(
+        mqtt_broker: Any, kafka_factory: Any, device_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # Without the watchdog this producer retries UNKNOWN_PRODUCER_ID for good (checked by hand
+    # with stall_timeout_s=60: nothing delivered in 40 s) while a new producer delivers at once.
+    tansu: TansuBroker = kafka_factory()
+    cfg = bridge_config(mqtt_broker, tansu, stall_timeout_s=2)
+    with running(cfg):
+        dev = device_factory(cfg)
+        for seq in range(1, 101):
+            dev.send(seq)
+        dev.wait_acked(set(range(1, 101)), timeout=60)
+        tansu.kill()
+        tansu.start()
+        for seq in range(101, 301):
+            dev.send(seq)
+        dev.wait_acked(set(range(101, 301)), timeout=60)
+    assert "new Kafka producer" in caplog.text
+    records = consume_all(tansu, cfg.topics["camera.events"], expect_n=200, timeout=60)
+    assert set(range(101, 301)) <= set(seqs_of(records))
+
+
 # --- several bridges, shutdown, security ---------------------------------------------------------
 
 def test_two_bridges_share_one_stream(mqtt_broker: Any, kafka: Any, device_factory: Any,
