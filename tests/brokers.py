@@ -621,13 +621,16 @@ def consume_all(target: KafkaTarget, topic: str, expect_n: int, timeout: float =
     reading that long after ``expect_n`` is reached, to catch duplicates/extras.
     Reads by partition assignment, no consumer group (Tansu joins take ~3 s).
     """
-    from confluent_kafka import KafkaError, TopicPartition
+    from confluent_kafka import TopicPartition
 
     deadline = time.monotonic() + timeout
     consumer = _assigning_consumer(target)
     records: list[Record] = []
     try:
-        parts = _partitions(consumer, topic, timeout)
+        try:
+            parts = _partitions(consumer, topic, timeout)
+        except WaitTimeout:
+            return []  # the topic never appeared: nothing was produced to it
         consumer.assign([TopicPartition(topic, p, 0) for p in parts])
         settle_until: float | None = None
         while True:
@@ -637,8 +640,9 @@ def consume_all(target: KafkaTarget, topic: str, expect_n: int, timeout: float =
             msg = consumer.poll(0.05)
             if msg is not None and msg.error() is None:
                 records.append(_record(msg))
-            elif msg is not None and msg.error().code() != KafkaError._PARTITION_EOF:
+            elif msg is not None and msg.error().fatal():
                 raise RuntimeError(f"consuming {topic}: {msg.error()}")
+            # Other errors (EOF, a broker restarting) are transient: keep reading until the deadline.
             if settle_until is None and len(records) >= expect_n:
                 settle_until = time.monotonic() + settle_s
     finally:
@@ -653,7 +657,7 @@ def read_topic(target: KafkaTarget, topic: str, idle_s: float = 0.5, timeout: fl
     as (base offset of the LAST BATCH + 1), e.g. 1 after one batch of 25 records,
     so watermark-based "read to the end" (and lag) is wrong against Tansu.
     """
-    from confluent_kafka import KafkaError, TopicPartition
+    from confluent_kafka import TopicPartition
 
     consumer = _assigning_consumer(target)
     records: list[Record] = []
@@ -669,7 +673,7 @@ def read_topic(target: KafkaTarget, topic: str, idle_s: float = 0.5, timeout: fl
             if msg is not None and msg.error() is None:
                 records.append(_record(msg))
                 last_new = time.monotonic()
-            elif msg is not None and msg.error().code() != KafkaError._PARTITION_EOF:
+            elif msg is not None and msg.error().fatal():
                 raise RuntimeError(f"reading {topic}: {msg.error()}")
     finally:
         consumer.close()
