@@ -146,8 +146,8 @@ topic write edge/+/ack
 
 def test_password_and_acl(mosquitto: Any, clients: Any) -> None:
     """Finding: mosquitto 2.0.11 answers an ACL-denied QoS 1 publish from a v5 client with
-    PUBACK reason 0x87 (Not authorized); the message is not delivered. (Mosquitto >= 2.0 does
-    this for v5 only; v3.1.1 clients get a plain PUBACK and cannot tell.)"""
+    PUBACK reason 0x87 (Not authorized); the message is not delivered. A v3.1.1 client gets a
+    plain PUBACK and cannot tell (test_acl_denial_is_invisible_to_a_v311_client)."""
     broker = mosquitto(passwords={"gw-001": "pw1", "bridge": "pw2"}, acl=ACL, allow_anonymous=False)
 
     bad = clients()
@@ -170,6 +170,30 @@ def test_password_and_acl(mosquitto: Any, clients: Any) -> None:
     assert device.publish("edge/gw-001/up/camera.events", b"sentinel").value == 0
     assert bridge.next_message().payload == b"sentinel"
     assert "gw-001" in broker.log_text()
+
+
+def test_acl_denial_is_invisible_to_a_v311_client(mosquitto: Any, clients: Any) -> None:
+    """MQTT 3.1.1 has no PUBACK reason code: the denied publish looks acknowledged but is
+    dropped. Only a v5 client can tell (see test_password_and_acl)."""
+    broker = mosquitto(passwords={"gw-001": "pw1", "bridge": "pw2"}, acl=ACL, allow_anonymous=False)
+    bridge = clients()
+    assert bridge.connect(broker.host, broker.port, username="bridge", password="pw2").value == 0
+    bridge.subscribe("edge/+/up/#")
+
+    acks: dict[int, Any] = {}
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.on_publish = lambda cl, u, mid, rc, props: acks.__setitem__(mid, rc)
+    c.username_pw_set("gw-001", "pw1")
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    try:
+        denied = c.publish("edge/gw-002/up/camera.events", b"spoofed", qos=1)
+        assert wait_for(lambda: acks.get(denied.mid), 10, message="PUBACK").is_failure is False
+        c.publish("edge/gw-001/up/camera.events", b"sentinel", qos=1)
+        assert bridge.next_message().payload == b"sentinel"  # "spoofed" never arrived
+    finally:
+        c.disconnect()
+        c.loop_stop()
 
 
 def test_restart_on_same_port_keeps_persistent_session(mosquitto: Any) -> None:
