@@ -1,0 +1,115 @@
+"""``make demo``: end to end on the real clip (slow), and its pieces (asset checks, configs)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_agent.config import parse_agent, parse_bridge
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_demo():
+    spec = importlib.util.spec_from_file_location("edge_demo", REPO / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["edge_demo"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load_demo()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_make_demo_ends_with_counts_in_kafka(footage, model_path) -> None:
+    footage("PETS09-S2L1")  # skips when the shared clip is missing (the download is not reachable here)
+    run = subprocess.run(["make", "demo"], cwd=REPO, capture_output=True, text=True, timeout=850)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    lines = run.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert set(result) == {"frames", "lines", "kafka"}
+    assert 700 <= result["frames"] <= 795  # the clip has 795 frames; live pacing may skip a few
+    v = result["lines"]["v"]
+    assert v["in"] > 0 and v["out"] > 0
+    assert result["kafka"]["ai.inference.results"] > 0
+    # agent.started, camera.online, camera.offline (end of file), agent.stopped
+    assert result["kafka"]["camera.events"] >= 4
+    assert result["kafka"]["dlq"] == 0
+    assert any("crossed line v" in line for line in lines), "no live view of crossings"
+
+
+def test_generated_configs_are_valid_for_the_real_loaders(tmp_path: Path) -> None:
+    bridge = parse_bridge(demo.bridge_config(1883, "127.0.0.1:9092", 8080))
+    assert bridge.http.tokens[0].role == "admin"
+    agent = parse_agent(demo.agent_config(1883, 9108, tmp_path / "clip.avi", tmp_path / "m.onnx", 10.0, tmp_path, 5.0))
+    [cam] = agent.cameras
+    assert cam.fps == 10.0 and not cam.loop
+    assert cam.lines[0].points == ((0.5, 0.0), (0.5, 1.0))  # the line v:0.5,0,0.5,1
+    assert agent.report.interval_s == 5.0
+
+
+def _opener(payload: bytes):
+    return lambda url: io.BytesIO(payload)
+
+
+def test_download_keeps_a_file_only_when_its_checksum_matches(tmp_path: Path) -> None:
+    good = b"frames of a clip"
+    asset = demo.Asset("test clip", "footage/x.avi", "https://example.invalid/x.avi", hashlib.sha256(good).hexdigest())
+    dest = tmp_path / "x.avi"
+    assert demo.download_checked(asset, dest, opener=_opener(good)) == dest
+    assert dest.read_bytes() == good
+
+    other = tmp_path / "y.avi"
+    with pytest.raises(demo.DemoError, match="sha256"):
+        demo.download_checked(asset, other, opener=_opener(b"tampered"))
+    assert list(tmp_path.iterdir()) == [dest]  # nothing half-written or unverified left behind
+
+
+def test_a_failed_download_says_where_it_tried(tmp_path: Path) -> None:
+    def refuse(url: str):
+        raise OSError("network unreachable")
+
+    asset = demo.Asset("test clip", "footage/x.avi", "https://example.invalid/x.avi", "0" * 64)
+    with pytest.raises(demo.DemoError, match="example.invalid.*unreachable"):
+        demo.download_checked(asset, tmp_path / "x.avi", opener=refuse)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shared_copy_wins_and_matches_the_published_checksum(shared_dir: Path, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EDGE_SHARED_DIR", str(shared_dir))
+    clip = demo.locate(demo.CLIP, tmp_path)
+    assert clip == shared_dir / demo.CLIP.shared_path
+    assert demo.sha256_of(clip) == demo.CLIP.sha256  # the checksum a download is held to is the real one
+    assert demo.sha256_of(demo.locate(demo.MODEL, tmp_path)) == demo.MODEL.sha256
+
+
+def test_kafka_view_detects_a_seq_gap_and_drops_duplicates() -> None:
+    view = demo.KafkaView("unused:1")
+
+    def env(seq: int, type_: str, data: dict | None = None, id_: str | None = None) -> bytes:
+        return json.dumps({"id": id_ or f"id-{seq}", "device_id": demo.DEVICE, "seq": seq, "type": type_,
+                           "data": data or {}}).encode()
+
+    view._add("camera.events", env(1, "agent.started"))
+    view._add("ai.inference.results", env(3, "counting.interval",
+                                          {"frames": 50, "lines": {"v": {"in": 1, "out": 0,
+                                                                         "cumulative": {"in": 4, "out": 2}}}}))
+    view._add("ai.inference.results", env(3, "counting.interval", {"frames": 50}))  # a resend
+    view._add("camera.events", env(4, "agent.stopped"))
+    assert not view.complete()  # seq 2 missing
+    view._add("ai.inference.results", env(2, "counting.crossing", {"line": "v", "direction": "in"}))
+    assert view.complete()
+    frames, lines, records = view.snapshot()
+    assert (frames, lines, view.duplicates) == (50, {"v": {"in": 4, "out": 2}}, 1)
+    assert records == {"camera.events": 2, "ai.inference.results": 3}
+    view._add("camera.events", b"not json")  # counted, never breaks the view
+    assert view.snapshot()[2]["camera.events"] == 3
