@@ -217,10 +217,9 @@ class KafkaQueueAdmin:
                 if (_header(msg, REASON_HEADER) or "retries_exhausted") not in RETRIABLE_REASONS:
                     skipped += 1
                     continue
-                headers = list(msg.headers() or []) + [(RETRIED_AT_HEADER, utc_now_iso().encode())]
-                producer.produce(topic, value=msg.value(), key=msg.key(), headers=headers,
-                                 on_delivery=on_delivery(msg.partition(), msg.offset()))
-                producer.poll(0)
+                report = on_delivery(msg.partition(), msg.offset())
+                if not self._republish(producer, topic, msg, report):
+                    report(KafkaError(KafkaError._INVALID_ARG), msg)  # refused before sending: an error
                 retried += 1
             left = producer.flush(self.timeout_s)
             if left:
@@ -234,6 +233,22 @@ class KafkaQueueAdmin:
         finally:
             consumer.close()
         return RetryResult(retried=retried - errors[0], errors=errors[0], skipped=skipped)
+
+    def _republish(self, producer: Producer, topic: str, msg: Message,
+                   report: Callable[[KafkaError | None, Message], None]) -> bool:
+        """Queue one letter for ``topic`` with its headers + ``dlq-retried-at``; False if refused locally."""
+        headers = list(msg.headers() or []) + [(RETRIED_AT_HEADER, utc_now_iso().encode())]
+        for _ in range(2):
+            try:
+                producer.produce(topic, value=msg.value(), key=msg.key(), headers=headers, on_delivery=report)
+                producer.poll(0)
+                return True
+            except BufferError:  # the local queue is full: let deliveries drain, then try once more
+                producer.poll(1.0)
+            except KafkaException as e:
+                log.warning("dlq retry to %s refused: %s", topic, e)
+                return False
+        return False
 
     def _source_of(self, msg: Message) -> str | None:
         header = _header(msg, SOURCE_HEADER)

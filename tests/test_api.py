@@ -328,3 +328,34 @@ def _answers(http: httpx.Client) -> bool:
         return http.get("/healthz").status_code == 200
     except httpx.TransportError:
         return False
+
+
+@pytest.mark.timeout(90)
+def test_a_failed_retry_is_counted_and_tried_again_next_time(kafka, unique_topic: str) -> None:
+    dlq = unique_topic + "-dlq"
+    bad = "not a valid topic!"  # the broker refuses records for it: every re-publish fails
+    create_topics(kafka, [dlq], partitions=1)
+    producer = Producer(kafka.client_config())
+    for i in range(2):
+        _dead_letter(producer, dlq, bad, "retries_exhausted", json.dumps({"n": i}).encode())
+    assert producer.flush(10) == 0
+    admin = KafkaQueueAdmin(kafka.client_config(), dlq, timeout_s=20)
+    assert admin.retry_dead_letters(bad, max_messages=10) == RetryResult(retried=0, errors=2, skipped=0)
+    # nothing was committed past a failed letter: the next call meets both again
+    assert admin.retry_dead_letters(bad, max_messages=10) == RetryResult(retried=0, errors=2, skipped=0)
+
+
+def test_status_counts_members_that_read_the_topic() -> None:
+    from edge_agent.queue_admin import _GroupView
+
+    reading = _GroupView("analytics", committed={("t", 0): 7, ("t", 1): 3, ("u", 0): 1},
+                         members=[{"t"}, {"t", "u"}, {"u"}])
+    unknown_assignment = _GroupView("legacy", committed={("t", 0): 10}, members=[set()])
+    elsewhere = _GroupView("other", committed={("u", 0): 0}, members=[{"u"}])
+    ends = {("t", 0): 10, ("t", 1): 3, ("u", 0): 5}
+    status = KafkaQueueAdmin._topic_status("t", ends, [reading, unknown_assignment, elsewhere], dlq_size=2)
+    assert (status.lag, status.consumerCount, status.dlqSize) == (3, 3, 2)
+    assert [(g.group, g.lag, g.members) for g in status.groups] == [("analytics", 3, 2), ("legacy", 0, 1)]
+    # a watermark below the committed offset (Tansu) never makes lag negative
+    low = KafkaQueueAdmin._topic_status("t", {("t", 0): 1}, [unknown_assignment], dlq_size=0)
+    assert low.lag == 0
