@@ -6,9 +6,10 @@ from the left-hand side of P1 -> P2 to its right-hand side as seen on screen (y 
 
 Detector jitter makes a box wobble across a line, most of all on lines that run along a
 walking path. A crossing is therefore only *pending* until the track has been seen on the new
-side ``min_frames`` times in a row; stepping back across the segment first cancels it (the
-wobble counted neither way). A track that ends while a crossing is pending still counts it, so
-a person who crosses and leaves the picture at once is never lost.
+side ``min_frames`` times in a row and has got at least ``margin`` box heights away from the
+line there (hysteresis); stepping back across the segment first cancels it (the wobble counted
+neither way). A track that ends while a crossing is pending still counts it, so a person who
+crosses and leaves the picture at once is never lost.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Segment:
     def __init__(self, p1: tuple[float, float], p2: tuple[float, float]):
         self.p1 = np.asarray(p1, dtype=float)
         self.d = np.asarray(p2, dtype=float) - self.p1
+        self.length = float(np.hypot(*self.d))
 
     @classmethod
     def from_normalised(cls, points: tuple, width: int, height: int) -> "Segment":
@@ -53,6 +55,10 @@ class Segment:
     def cross(self, pt: tuple[float, float]) -> float:
         """z of d x (pt - p1): positive on the right-hand side as seen on screen (y down)."""
         return float(self.d[0] * (pt[1] - self.p1[1]) - self.d[1] * (pt[0] - self.p1[0]))
+
+    def distance(self, pt: tuple[float, float]) -> float:
+        """Signed distance from the infinite line, in pixels (positive on the right-hand side)."""
+        return self.cross(pt) / self.length
 
     def side(self, pt: tuple[float, float]) -> int:
         """+1 right-hand side, -1 left-hand side; a point on the line counts as left."""
@@ -89,17 +95,19 @@ class _TrackOnLine:
     pending_frame: int = 0
     pending_ts: float = 0.0
     seen_on_new_side: int = 0
+    depth: float = 0.0  # furthest the anchor got past the line since the pending crossing, in box heights
 
 
 class LineCounter:
     """Debounced crossings of one line by many tracks."""
 
-    def __init__(self, line: LineConfig, width: int, height: int, *, min_frames: int = 3):
+    def __init__(self, line: LineConfig, width: int, height: int, *, min_frames: int = 3, margin: float = 0.0):
         self.id = line.id
         self.anchor: AnchorKind = line.anchor
         self.classes = set(line.classes) if line.classes else None
         self.segment = Segment.from_normalised(line.points, width, height)
         self.min_frames = max(1, min_frames)
+        self.margin = margin
         self.tracks: dict[int, _TrackOnLine] = {}
 
     def wants(self, class_name: str) -> bool:
@@ -108,6 +116,7 @@ class LineCounter:
     def observe(self, track_id: int, xyxy: np.ndarray, class_name: str, frame: int, ts: float) -> Crossing | None:
         """One observation of a track; returns a crossing once it is confirmed."""
         pt = anchor_point(xyxy, self.anchor)
+        box_h = max(float(xyxy[3] - xyxy[1]), 1.0)
         st = self.tracks.get(track_id)
         if st is None:
             self.tracks[track_id] = _TrackOnLine(pt, class_name)
@@ -119,13 +128,16 @@ class LineCounter:
                 st.pending = None  # back across before it settled: jitter, counts neither way
             elif st.pending is None:
                 st.pending, st.pending_frame, st.pending_ts, st.seen_on_new_side = direction, frame, ts, 1
+                st.depth = 0.0
         elif st.pending is not None:
-            new_side = 1 if st.pending == "in" else -1
-            if self.segment.side(pt) == new_side:
+            if self.segment.side(pt) == (1 if st.pending == "in" else -1):
                 st.seen_on_new_side += 1
             else:
                 st.pending = None  # went back round the end of the segment
-        if st.pending is not None and st.seen_on_new_side >= self.min_frames:
+        if st.pending is not None:
+            past = self.segment.distance(pt) * (1 if st.pending == "in" else -1) / box_h
+            st.depth = max(st.depth, past)
+        if st.pending is not None and st.seen_on_new_side >= self.min_frames and st.depth >= self.margin:
             return self._confirm(track_id, st)
         return None
 

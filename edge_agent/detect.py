@@ -229,10 +229,10 @@ class Detector:
             xyxy, scores, cls = self._decode_yolov8(raw)
         if len(scores) == 0:
             return Detections.empty()
-        xyxy[:, [0, 2]] = (xyxy[:, [0, 2]] - box.dx) / box.scale
-        xyxy[:, [1, 3]] = (xyxy[:, [1, 3]] - box.dy) / box.scale
-        np.clip(xyxy[:, [0, 2]], 0, image_hw[1], out=xyxy[:, [0, 2]])
-        np.clip(xyxy[:, [1, 3]], 0, image_hw[0], out=xyxy[:, [1, 3]])
+        # Strided slices are views, so the in-place ops change xyxy itself.
+        xs, ys = xyxy[:, 0::2], xyxy[:, 1::2]
+        np.clip((xs - box.dx) / box.scale, 0, image_hw[1], out=xs)
+        np.clip((ys - box.dy) / box.scale, 0, image_hw[0], out=ys)
         keep = nms_per_class(xyxy, scores, cls, self.config.nms_iou)
         return Detections(xyxy[keep].astype(np.float32), scores[keep].astype(np.float32),
                           cls[keep].astype(np.int32))

@@ -35,10 +35,12 @@ from .track import ByteTracker, TrackedObject
 log = logging.getLogger(__name__)
 
 # Debounce: a crossing counts once the track was seen this long on the new side.
-CONFIRM_SECONDS = 0.3
-MIN_CONFIRM_FRAMES = 2
+CONFIRM_SECONDS = 0.2
+MIN_CONFIRM_FRAMES = 3
+# Hysteresis: ... and got this many box heights past the line (jitter of the box bottom stays below).
+CONFIRM_MARGIN = 0.02
 # A track unseen this long is gone (its id will not come back).
-LOST_SECONDS = 1.5
+LOST_SECONDS = 1.0
 # An occupancy excursion ends after this many frames at or under the limit (no flapping alerts).
 OCCUPANCY_CLEAR_FRAMES = 3
 
@@ -69,7 +71,7 @@ class CountingStage:
         self.tracker = ByteTracker(high_thresh=confidence, low_thresh=min(LOW_SCORE_FLOOR, confidence),
                                    frame_rate=fps, lost_seconds=LOST_SECONDS)
         frames = confirm_frames(fps)
-        self.lines = [LineCounter(line, width, height, min_frames=frames) for line in lines]
+        self.lines = [LineCounter(line, width, height, min_frames=frames, margin=CONFIRM_MARGIN) for line in lines]
         self.zones = [ZoneCounter(zone, width, height) for zone in zones]
         self._alive: set[int] = set()
 
