@@ -22,8 +22,9 @@ from typing import Any, Callable, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import metrics
-from .envelope import Draft, utc_now_iso
+from .envelope import Draft, new_trace_id, utc_now_iso
 from .liveconfig import ConfigRejected, VersionConflict
+from .supervisor import UnknownCamera
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,6 @@ class NoArgs(BaseModel):
 
 
 # --- the agent side ------------------------------------------------------------------------
-
-class UnknownCamera(LookupError):
-    """restart_camera/snapshot named a camera the agent does not run (404)."""
-
 
 class AgentControl(Protocol):
     def status(self) -> dict[str, Any]: ...
@@ -237,7 +234,7 @@ class CommandProcessor:
         name = topic[len(self._base):]
         request_id = _peek_request_id(payload)
         self._finish(name, topic, properties, request_id, CommandResult(
-            request_id=request_id, ok=False, code=503, error="agent busy: too many queued commands"))
+            request_id=request_id, ok=False, code=503, error="agent busy: too many queued commands"), new_trace_id())
 
     def _work(self) -> None:
         while True:
@@ -259,6 +256,7 @@ class CommandProcessor:
     def process(self, topic: str, payload: bytes, properties: Any = None) -> CommandResult:
         name = topic[len(self._base):]
         request_id: str | None = None
+        trace_id = new_trace_id()  # ties the log lines and the audit record of this request together
         try:
             raw = self._decode(payload)
             request_id = raw.get("request_id") if isinstance(raw.get("request_id"), str) else None
@@ -273,10 +271,10 @@ class CommandProcessor:
         except CommandError as e:
             result = CommandResult(request_id=request_id, ok=False, code=e.code, error=str(e))
         except Exception as e:
-            log.exception("commands: %s failed", name)
+            log.exception("commands: %s failed", name, extra={"trace_id": trace_id, "command": name})
             result = CommandResult(request_id=request_id, ok=False, code=500,
                                    error=f"internal error: {type(e).__name__}")
-        self._finish(name, topic, properties, request_id, result)
+        self._finish(name, topic, properties, request_id, result, trace_id)
         return result
 
     def _decode(self, payload: bytes) -> dict[str, Any]:
@@ -320,20 +318,22 @@ class CommandProcessor:
             raise CommandError(401, refused)
 
     def _finish(self, name: str, topic: str, properties: Any, request_id: str | None,
-                result: CommandResult) -> None:
+                result: CommandResult, trace_id: str) -> None:
         known = name in self._handlers
         metrics.COMMANDS.labels(command=name if known else "unknown", result=str(result.code)).inc()
         correlation_id = _correlation_text(getattr(properties, "CorrelationData", None)) or request_id
         kind = "command.rejected" if 400 <= result.code < 500 or result.code == 503 else "command.executed"
         log.log(logging.INFO if result.ok else logging.WARNING, "command %s %s: %s %s", name, request_id,
-                result.code, result.error or "ok", extra={"command": name, "correlation_id": correlation_id})
+                result.code, result.error or "ok",
+                extra={"command": name, "correlation_id": correlation_id, "trace_id": trace_id})
         self._audit(kind, {"request_id": request_id, "command": name[:128], "code": result.code,
-                           "ok": result.ok, "error": result.error, "topic": topic[:256]}, correlation_id)
+                           "ok": result.ok, "error": result.error, "topic": topic[:256]}, correlation_id, trace_id)
         self._answer(name, properties, result)
 
-    def _audit(self, type_: str, data: dict[str, Any], correlation_id: str | None) -> None:
+    def _audit(self, type_: str, data: dict[str, Any], correlation_id: str | None, trace_id: str) -> None:
         try:
-            self._emit(Draft(stream=AUDIT_STREAM, type=type_, data=data, correlation_id=correlation_id))
+            self._emit(Draft(stream=AUDIT_STREAM, type=type_, data=data, correlation_id=correlation_id,
+                             trace_id=trace_id))
         except Exception:
             log.exception("commands: could not record %s", type_)
 

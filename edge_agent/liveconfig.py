@@ -95,7 +95,7 @@ def _id_keyed(value: Any) -> bool:
     return len({x["id"] for x in value}) == len(value)
 
 
-def parse_document(raw: bytes) -> tuple[dict[str, Any], AgentConfig]:
+def parse_document(raw: bytes, *, check_secrets: bool = True) -> tuple[dict[str, Any], AgentConfig]:
     """File bytes -> (document, validated config); ConfigRejected names every problem."""
     try:
         data = yaml.safe_load(raw.decode("utf-8")) if raw.strip() else {}
@@ -103,16 +103,16 @@ def parse_document(raw: bytes) -> tuple[dict[str, Any], AgentConfig]:
         raise ConfigRejected([f"(file): not valid YAML: {e}".replace("\n", " ")]) from e
     if not isinstance(data, dict):
         raise ConfigRejected(["(file): the top level must be a mapping"])
-    return data, validate(data)
+    return data, validate(data, check_secrets=check_secrets)
 
 
-def validate(data: dict[str, Any]) -> AgentConfig:
+def validate(data: dict[str, Any], *, check_secrets: bool = True) -> AgentConfig:
     try:
         cfg = parse_agent(data)
     except ConfigError as e:
         raise ConfigRejected(e.problems) from e
     # A secret variable the running process does not have would break the next reconnect.
-    problems = missing_secrets(cfg)
+    problems = missing_secrets(cfg) if check_secrets else []
     if problems:
         raise ConfigRejected(problems)
     return cfg
@@ -153,14 +153,16 @@ class LiveConfig:
 
     def __init__(self, path: Path, *, emit: Callable[[Draft], Any] | None = None,
                  on_change: Callable[[ConfigChange], None] | None = None,
-                 device_id: str | None = None):
+                 check_secrets: bool = True):
         self.path = Path(path).absolute()
         self.backup_path = self.path.with_name(self.path.name + ".bak")
         self._emit = emit
         self._on_change = on_change
         self._lock = threading.RLock()
         raw = self.path.read_bytes()
-        document, cfg = parse_document(raw)
+        # check_secrets=False at start keeps `run` as lenient as before (the uplink reports auth
+        # failures); later changes must not introduce a variable this process does not have.
+        document, cfg = parse_document(raw, check_secrets=check_secrets)
         self._state = ConfigState(version_of(raw), document, cfg)
         self._last_rejected: str | None = None
         self._wake = threading.Event()
