@@ -241,6 +241,7 @@ class Outbox:
             self._apply_deletes()
             if batch:
                 self._commit_puts(batch)
+            self._maybe_report_overflow()
 
     def _commit_puts(self, batch: list[_Put]) -> None:
         results: list[tuple[_Put, Envelope | BaseException]] = []
