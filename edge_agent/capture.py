@@ -93,7 +93,7 @@ def iter_file_frames(path: str | Path, fps: float | None = None, *, prefetch: in
         index, next_keep = 0, 0.0
         try:
             while not stop.is_set():
-                if index + 1 < next_keep:  # not kept: grab without decoding
+                if index < next_keep - 1e-6:  # not kept: grab without decoding
                     if not cap.grab():
                         break
                     index += 1

@@ -1,0 +1,206 @@
+"""The whole pipeline on real footage: offline counts vs ground truth, the CLI, and CameraWorker."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from brokers import wait_for
+
+from edge_agent.config import CameraConfig, LineConfig, ModelConfig, ZoneConfig
+from edge_agent.count import Segment
+from edge_agent.detect import Detector
+from edge_agent.envelope import Draft
+from edge_agent.pipeline import CameraWorker, count_video
+
+REPO = Path(__file__).resolve().parents[1]
+EDGE_AGENT = [sys.executable, "-m", "edge_agent"]
+
+
+def truth(video: Path, line: LineConfig, width: int, height: int, frames: int) -> dict[str, int]:
+    """DESIGN rule on gt.txt: bottom-centre steps of each gt track within the first ``frames`` frames."""
+    rows = np.loadtxt(video.parent / "gt.txt", delimiter=",", ndmin=2)
+    rows = rows[rows[:, 0] - 1 < frames]
+    seg = Segment.from_normalised(line.points, width, height)
+    counts = {"in": 0, "out": 0}
+    for tid in np.unique(rows[:, 1]):
+        t = rows[rows[:, 1] == tid]
+        t = t[np.argsort(t[:, 0])]
+        pts = list(zip(t[:, 2] + t[:, 4] / 2, t[:, 3] + t[:, 5]))
+        for a, b in zip(pts, pts[1:]):
+            if d := seg.crossing(a, b):
+                counts[d] += 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def detector(model_path: Path) -> Detector:
+    return Detector(ModelConfig(path=model_path, classes=["person"], threads=1))
+
+
+class Outbox:
+    """Stands in for the durable outbox's put(): records drafts, thread-safe."""
+
+    def __init__(self, fail: bool = False):
+        self.drafts: list[Draft] = []
+        self.fail = fail
+        self._lock = threading.Lock()
+
+    def __call__(self, draft: Draft) -> None:
+        if self.fail:
+            raise RuntimeError("outbox full")
+        with self._lock:
+            self.drafts.append(draft)
+
+    def of(self, type_: str, camera: str | None = None) -> list[Draft]:
+        with self._lock:
+            return [d for d in self.drafts if d.type == type_ and (camera is None or d.camera_id == camera)]
+
+
+@pytest.mark.timeout(180)
+def test_counts_on_real_footage_match_ground_truth(detector, footage):
+    """The first 300 frames of PETS09-S2L1, a vertical and a horizontal line, against gt truth."""
+    video = footage("PETS09-S2L1")
+    lines = [LineConfig(id="v", points=((0.5, 0), (0.5, 1))), LineConfig(id="h", points=((0, 0.5), (1, 0.5)))]
+    zone = ZoneConfig(id="left", polygon=[(0, 0), (0.5, 0), (0.5, 1), (0, 1)])
+    report = count_video(video, detector, lines, [zone], max_frames=300)
+    assert report.frames == 300
+    result = report.as_dict(["v", "h"], ["left"])
+    for line in lines:
+        expected = truth(video, line, 768, 576, 300)
+        got = result["lines"][line.id]
+        assert sum(expected.values()) >= 5  # the window really has crossings to count
+        for direction in ("in", "out"):
+            assert abs(got[direction] - expected[direction]) <= 2, (line.id, got, expected)
+    assert 1 <= result["zones"]["left"]["avg"] <= 8 and result["zones"]["left"]["max"] >= 2
+    assert result["timing"]["inference_ms"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_count_cli_prints_the_design_json(model_path, footage):
+    out = subprocess.run([*EDGE_AGENT, "count", str(footage("TUD-Campus")), "--model", str(model_path),
+                          "--line", "v:0.5,0,0.5,1", "--zone", "all:0,0;1,0;1,1;0,1", "--classes", "person",
+                          "--json"], capture_output=True, text=True, timeout=110, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["frames"] == 71 and result["fps"] > 0 and result["seconds"] > 0
+    assert set(result["lines"]["v"]) == {"in", "out", "by_class"}
+    assert result["lines"]["v"]["in"] + result["lines"]["v"]["out"] >= 3  # gt: 1 in, 4 out
+    assert result["zones"]["all"]["max"] >= 3
+    assert {"preprocess_ms", "inference_ms", "postprocess_ms", "tracking_ms"} <= set(result["timing"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--line", "v:0.5,0,0.5"], "expected ID:x1,y1,x2,y2"),
+    (["--line", "v:0.5,0,0.5,1", "--classes", "person,unicorn"], "unicorn"),
+    (["--line", "v:0.5,0,0.5,1", "--format", "yolov8"], "expected input [1, 3, 416, 416] and output [1, 84, N]"),
+    (["--zone", "z:0,0;1,0"], "polygon"),
+])
+def test_count_cli_refuses_bad_input_with_one_clear_line(model_path, footage, args, message):
+    out = subprocess.run([*EDGE_AGENT, "count", str(footage("TUD-Campus")), "--model", str(model_path), *args],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 2
+    assert message in out.stderr and out.stdout == ""
+
+
+def test_count_cli_missing_video_is_exit_2(model_path, tmp_path):
+    out = subprocess.run([*EDGE_AGENT, "count", str(tmp_path / "none.avi"), "--model", str(model_path),
+                          "--line", "v:0.5,0,0.5,1"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 2 and "no such video file" in out.stderr
+
+
+def camera(cam_id: str, source: str, **kw) -> CameraConfig:
+    return CameraConfig(id=cam_id, source=source, fps=5, reconnect_min_s=0.1, reconnect_max_s=0.4,
+                        lines=[LineConfig(id="v", points=((0.5, 0), (0.5, 1)))], **kw)
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_camera_reports_and_reconnects_while_the_other_keeps_counting(detector, footage, tmp_path):
+    outbox = Outbox()
+    late = tmp_path / "late.mp4"  # does not exist yet: the camera is dead at start
+    good = CameraWorker(camera("good", str(footage("PETS09-S2L1")), loop=True), detector.config, outbox,
+                        device_id="gw", report_interval_s=1.0, state_dir=tmp_path, detector=detector)
+    dead = CameraWorker(camera("dead", f"file://{late}", down_after_s=0.5), detector.config, outbox,
+                        device_id="gw", report_interval_s=1.0, state_dir=tmp_path, detector=detector)
+    good.start()
+    dead.start()
+    try:
+        wait_for(lambda: len(outbox.of("camera.stream_error", "dead")) >= 3, 20, message="dead camera retries")
+        wait_for(lambda: outbox.of("alert.camera_down", "dead"), 10, message="camera_down alert")
+        frames_then = good.status()["frames"]
+        wait_for(lambda: good.status()["frames"] >= frames_then + 3, 30, message="good camera keeps processing")
+        assert dead.status()["state"] == "connecting" and good.status()["state"] == "running"
+        assert outbox.of("counting.interval", "good")
+
+        shutil.copy(footage("TUD-Campus"), late)  # the camera comes back
+        wait_for(lambda: outbox.of("camera.online", "dead"), 20, message="dead camera back online")
+        wait_for(lambda: dead.status()["frames"] > 0, 20, message="frames from the revived camera")
+    finally:
+        good.stop()
+        dead.stop()
+    assert len(outbox.of("alert.camera_down", "dead")) == 1  # one alert per outage
+    errors = outbox.of("camera.stream_error", "dead")
+    assert all(d.stream == "camera.events" and "no such video file" in d.data["error"] for d in errors)
+    last = outbox.of("counting.interval", "good")[-1].data
+    assert last["frames"] >= 0 and "cumulative" in last["lines"]["v"]
+    assert good.status()["state"] == "stopped"
+    assert good.latest_jpeg()[:2] == b"\xff\xd8"  # a JPEG
+
+
+@pytest.mark.timeout(120)
+def test_worker_counts_emit_crossings_and_survive_a_restart(detector, footage, tmp_path):
+    """Real clip through CameraWorker: crossings become events, totals persist across workers."""
+    outbox = Outbox()
+    cam = camera("c", str(footage("TUD-Stadtmitte")), zones=[ZoneConfig(id="all", polygon=[(0, 0), (1, 0), (1, 1)])])
+    cam = cam.model_copy(update={"fps": 25.0})  # every frame of the 25 fps clip
+    worker = CameraWorker(cam, detector.config, outbox, device_id="gw", report_interval_s=30, state_dir=tmp_path,
+                          detector=detector)
+    worker.start()
+    try:
+        wait_for(lambda: worker.reader.state == "ended", 60, message="end of the clip")
+        frames_read = worker.reader.frames_read
+        wait_for(lambda: worker.status()["frames"] + worker.status()["skipped"] >= frames_read - 1, 20,
+                 message="last frames processed")
+    finally:
+        worker.stop()
+    crossings = outbox.of("counting.crossing")
+    assert crossings, "TUD-Stadtmitte has people crossing the middle (gt: 1 in, 1 out)"
+    assert {d.data["line"] for d in crossings} == {"v"} and all(d.stream == "ai.inference.results" for d in crossings)
+    interval = outbox.of("counting.interval")[-1].data  # emitted by stop()
+    total = interval["lines"]["v"]["cumulative"]["in"] + interval["lines"]["v"]["cumulative"]["out"]
+    assert total == len(crossings)
+    assert interval["zones"]["all"]["max"] >= 1 and interval["inference_ms"] > 0
+
+    again = CameraWorker(cam, detector.config, Outbox(), device_id="gw", report_interval_s=30, state_dir=tmp_path,
+                         detector=detector)
+    counts = again.status()["counts"]["v"]
+    assert counts["in"] + counts["out"] == total  # read back from the state dir
+
+
+def test_occupancy_alert_once_per_excursion(detector, tmp_path):
+    outbox = Outbox()
+    cam = camera("c", "/nonexistent.mp4", zones=[ZoneConfig(id="lobby", polygon=[(0, 0), (1, 0), (1, 1)],
+                                                              max_occupancy=2)])
+    worker = CameraWorker(cam, detector.config, outbox, device_id="gw", report_interval_s=60, state_dir=tmp_path,
+                          detector=detector)
+    for n in [0, 3, 4, 2, 3, 3, 1, 0, 0, 0, 5, 5]:  # dips of < 3 frames do not end an excursion
+        worker._check_occupancy({"lobby": n})
+    alerts = outbox.of("alert.occupancy")
+    assert [a.data["occupancy"] for a in alerts] == [3, 5]
+    assert all(a.stream == "notifications" and a.data["max_occupancy"] == 2 for a in alerts)
+
+
+def test_a_failing_outbox_does_not_stop_the_camera(detector, footage, tmp_path):
+    worker = CameraWorker(camera("c", str(footage("TUD-Campus"))), detector.config, Outbox(fail=True),
+                          device_id="gw", report_interval_s=0.5, state_dir=tmp_path, detector=detector)
+    worker.start()
+    try:
+        wait_for(lambda: worker.status()["frames"] >= 3, 30, message="frames despite a failing outbox")
+    finally:
+        worker.stop()
