@@ -16,6 +16,7 @@ import hmac
 import itertools
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Literal, Protocol
@@ -57,6 +58,46 @@ class QueueInspector(Protocol):
     def status(self, topics: list[str]) -> list[TopicStatus]: ...
 
     def retry_dead_letters(self, topic: str, max_messages: int) -> RetryResult: ...
+
+    def lags(self, topics: list[str]) -> list[TopicStatus]: ...
+
+
+class LagExporter:
+    """Keeps ``edge_bridge_consumer_lag`` fresh for the lag alert.
+
+    A scrape finding the values older than ``max_age_s`` starts a refresh in the
+    background and answers with what it has, so an unreachable Kafka never slows
+    ``/metrics`` (the first scrape after start has no lag series yet).
+    """
+
+    def __init__(self, inspector: Callable[[], QueueInspector], topics: list[str], max_age_s: float = 15.0):
+        self._inspector = inspector
+        self.topics = topics
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._running = False
+        self._at = float("-inf")
+
+    def on_scrape(self) -> None:
+        with self._lock:
+            if self._running or time.monotonic() - self._at < self.max_age_s:
+                return
+            self._running = True
+        threading.Thread(target=self.refresh, name="lag-exporter", daemon=True).start()
+
+    def refresh(self) -> None:
+        try:
+            rows = self._inspector().lags(self.topics)
+            metrics.BRIDGE_CONSUMER_LAG.clear()  # groups that went away must not linger
+            for row in rows:
+                for group in row.groups:
+                    metrics.BRIDGE_CONSUMER_LAG.labels(row.topic, group.group).set(group.lag)
+        except Exception as e:  # noqa: BLE001 - a failed refresh keeps the last values; the next scrape retries
+            log.warning("consumer lag refresh failed: %s", e)
+        finally:
+            with self._lock:
+                self._running = False
+                self._at = time.monotonic()
 
 
 # --- wire models -----------------------------------------------------------------------------
@@ -188,6 +229,7 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
     Publish = _with_topics(PublishRequest, streams, "an uplink stream; the bridge maps it to its Kafka topic")
     Retry = _with_topics(RetryRequest, kafka_topics, "the Kafka topic whose dead letters are re-sent")
     StatusTopic = Literal[tuple(status_topics)]  # type: ignore[valid-type]
+    lag_exporter = LagExporter(lambda: get_inspector(), kafka_topics)
 
     def get_inspector() -> QueueInspector:
         # Built on first use: an app that only publishes never opens admin connections.
@@ -221,6 +263,7 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
 
     @app.get("/metrics", summary="Prometheus text exposition", response_class=Response)
     def prometheus_metrics() -> Response:
+        lag_exporter.on_scrape()
         body, ctype = metrics.exposition()
         return Response(content=body, media_type=ctype)
 

@@ -36,6 +36,9 @@ BRIDGE_DELIVERY_SECONDS = Histogram("edge_bridge_delivery_seconds", "MQTT receiv
                                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                              1.0, 2.5, 5.0, 10.0))
 BRIDGE_INFLIGHT = Gauge("edge_bridge_inflight", "MQTT messages received and not yet settled")
+BRIDGE_CONSUMER_LAG = Gauge("edge_bridge_consumer_lag",
+                            "Kafka consumer-group lag on the bridge's topics (high watermark - committed); "
+                            "refreshed when /metrics is scraped", ["topic", "group"])
 
 
 def exposition() -> tuple[bytes, str]:

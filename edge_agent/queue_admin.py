@@ -96,11 +96,19 @@ class KafkaQueueAdmin:
     # --- status ------------------------------------------------------------------------
 
     def status(self, topics: Sequence[str]) -> list[TopicStatus]:
-        partitions = self._partitions(topics)
-        ends = self._high_watermarks([tp for tps in partitions.values() for tp in tps])
-        groups = self._group_views()
+        ends, groups = self._lag_inputs(topics)
         dead = self.count_dead_letters(set(topics))
         return [self._topic_status(t, ends, groups, dead.get(t, 0)) for t in topics]
+
+    def lags(self, topics: Sequence[str]) -> list[TopicStatus]:
+        """Lag and consumers only (no DLQ scan, dlqSize 0): cheap enough for every scrape."""
+        ends, groups = self._lag_inputs(topics)
+        return [self._topic_status(t, ends, groups, 0) for t in topics]
+
+    def _lag_inputs(self, topics: Sequence[str]) -> tuple[dict[tuple[str, int], int], list[_GroupView]]:
+        partitions = self._partitions(topics)
+        ends = self._high_watermarks([tp for tps in partitions.values() for tp in tps])
+        return ends, self._group_views()
 
     @staticmethod
     def _topic_status(topic: str, ends: dict[tuple[str, int], int], groups: list[_GroupView],

@@ -23,7 +23,7 @@ from edge_agent.api import create_app
 from edge_agent.bridge import serve_http
 from edge_agent.config import BridgeConfig
 from edge_agent.envelope import Envelope
-from edge_agent.queue_admin import KafkaQueueAdmin, RetryResult, TopicStatus
+from edge_agent.queue_admin import GroupLag, KafkaQueueAdmin, RetryResult, TopicStatus
 
 TOKENS = {"T_ADMIN": ("admin-secret", "admin"), "T_SYSTEM": ("system-secret", "system"),
           "T_AUDITOR": ("auditor-secret", "auditor")}
@@ -66,6 +66,10 @@ class FakeInspector:
     def retry_dead_letters(self, topic: str, max_messages: int) -> RetryResult:
         self.calls.append(("retry", topic, max_messages))
         return RetryResult(retried=0, errors=0)
+
+    def lags(self, topics: list[str]) -> list[TopicStatus]:
+        return [TopicStatus(topic=t, lag=5, consumerCount=1, dlqSize=0,
+                            groups=[GroupLag(group="analytics", lag=5, members=1)]) for t in topics]
 
 
 @pytest.fixture
@@ -235,6 +239,7 @@ def test_status_reports_group_lag_and_dead_letters(kafka, unique_topic: str) -> 
     assert (mine.topic, mine.lag, mine.dlqSize) == (topic, 3, 3)
     assert [(g.group, g.lag) for g in mine.groups] == [(group, 3)]
     assert (theirs.lag, theirs.dlqSize, theirs.groups) == (0, 1, [])
+    assert [(s.lag, s.groups) for s in admin.lags([topic])] == [(3, mine.groups)]  # what /metrics exports
     # This broker leaves DescribeGroups members empty, so there is nobody to count; a real Kafka
     # (EDGE_TEST_KAFKA) reports the members of active groups.
     assert mine.consumerCount >= 0
@@ -359,3 +364,10 @@ def test_status_counts_members_that_read_the_topic() -> None:
     # a watermark below the committed offset (Tansu) never makes lag negative
     low = KafkaQueueAdmin._topic_status("t", {("t", 0): 1}, [unknown_assignment], dlq_size=0)
     assert low.lag == 0
+
+
+def test_metrics_export_consumer_lag_without_slowing_the_scrape(bridge_cfg: BridgeConfig) -> None:
+    client, _, _ = make_client(bridge_cfg)
+    series = 'edge_bridge_consumer_lag{group="analytics",topic="camera.events"} 5.0'
+    client.get("/metrics")  # starts the refresh in the background
+    wait_for(lambda: series in client.get("/metrics").text, 10, message="lag series on /metrics")
