@@ -70,9 +70,41 @@ def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.02,
         time.sleep(interval)
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port nobody listens on right now, BELOW the kernel's ephemeral range.
+
+    Why not bind(0): the kernel hands ephemeral ports to every outgoing
+    connection too, so while a broker is stopped for an outage test its port
+    could become some client's source port and the restart on the same port
+    would fail; ports outside that range are only ever taken by explicit binds.
+    Never the same port twice in one process.
+    """
+    import random
+
+    low = _ephemeral_range()[0]
+    for _ in range(200):
+        port = random.randrange(20000, low) if low > 21000 else random.randrange(1024, 20000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # crowded machine: let the kernel pick
         s.bind((host, 0))
         return s.getsockname()[1]
 

@@ -329,9 +329,12 @@ def test_wait_for_returns_value_and_times_out() -> None:
 def test_free_port_is_bindable() -> None:
     import socket
 
-    port = free_port()
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50  # never handed out twice
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(p < low for p in ports)  # outgoing connections can never take them
     with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+        s.bind(("127.0.0.1", ports[0]))
 
 
 def test_agent_process_runs_cli_and_is_killed(tmp_path: Path, agent_process: Any) -> None:
