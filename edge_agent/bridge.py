@@ -61,6 +61,7 @@ log = logging.getLogger("edge_agent.bridge")
 
 # A too-large message cannot go to Kafka whole; its dead letter keeps this much.
 TOO_LARGE_KEEP_BYTES = 64 * 1024
+MAX_READ_BATCH = 500  # messages read from the socket before they are handled
 _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 
 
@@ -291,6 +292,11 @@ class Bridge:
         self._mqtt_thread = threading.Thread(target=self._mqtt_loop, name="bridge-mqtt", daemon=True)
         self._poll_thread = threading.Thread(target=self._poll_loop, name="bridge-kafka", daemon=True)
         self._poll_stop = threading.Event()
+        self._stopped_reading = threading.Event()
+        # Hand-over lists, each touched by one thread only: the MQTT thread's messages
+        # read but not yet handled, the poll thread's delivery reports.
+        self._incoming: list[tuple[str, bytes, int]] = []
+        self._reports: list[tuple[Record, KafkaError | None, Any]] = []
 
     # --- public --------------------------------------------------------------------------------
 
@@ -333,6 +339,9 @@ class Bridge:
         with self._lock:
             self._phase = _DRAINING
             self._room.notify_all()
+        if self._mqtt_thread.is_alive():  # it handles what it has read, then stops reading
+            self._stopped_reading.wait(5.0)
+        with self._lock:
             while self._inflight + self._api_pending > 0 and time.monotonic() < deadline:
                 self._room.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             settled = self._inflight + self._api_pending == 0
@@ -399,13 +408,16 @@ class Bridge:
     def _mqtt_loop(self) -> None:
         backoff = self._cfg.mqtt.reconnect_min_s
         while self._phase != _DONE:
+            if self._phase != _RUNNING:
+                self._stopped_reading.set()  # everything read so far has been handled
             if not self._mqtt_connected and not self._connect_once():
                 with self._lock:
                     self._room.wait(backoff)
                 backoff = min(backoff * 2, self._cfg.mqtt.reconnect_max_s)
                 continue
             if self._reading_allowed():
-                rc = self._client.loop(timeout=0.05)
+                rc = self._read_batch()
+                self._handle_incoming()
             else:
                 # Full (or draining): do not read; keep writing acks and keepalives.
                 with self._lock:
@@ -420,6 +432,22 @@ class Bridge:
                 with self._lock:
                     self._mqtt_connected = False
         self._disconnect()
+
+    def _read_batch(self) -> int:
+        """Wait for the socket, then read what is there (up to the in-flight room) without waiting again.
+
+        Handling messages in batches takes the lock, the metrics and the wake-ups once per
+        batch instead of once per message: a backlog drains at the speed of the wire.
+        """
+        rc = self._client.loop(timeout=0.05)
+        room = min(MAX_READ_BATCH, self._cfg.max_inflight - self._inflight) - len(self._incoming)
+        while rc == mqtt.MQTT_ERR_SUCCESS and room > 0:
+            before = len(self._incoming)
+            rc = self._client.loop_read()
+            if len(self._incoming) == before:
+                break  # nothing more buffered (or a non-PUBLISH packet): back to select
+            room -= 1
+        return rc
 
     def _connect_once(self) -> bool:
         """One connection attempt, waiting (bounded) for the CONNACK."""
@@ -446,16 +474,24 @@ class Bridge:
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self._phase != _RUNNING:
             return  # left unacked: the broker delivers it again to the next session
-        BRIDGE_RECEIVED.inc()
+        self._incoming.append((msg.topic, msg.payload, msg.mid))
+
+    def _handle_incoming(self) -> None:
+        """Validate a batch of messages (outside the lock), then hand them to Kafka (under it)."""
+        if not self._incoming:
+            return
+        batch, self._incoming = self._incoming, []
+        BRIDGE_RECEIVED.inc(len(batch))
         now = time.monotonic()
-        verdict = classify(msg.topic, msg.payload, self._cfg)
+        verdicts = [(topic, payload, mid, classify(topic, payload, self._cfg)) for topic, payload, mid in batch]
         with self._lock:
-            self._inflight += 1
-            tag = (self._conn, msg.mid)
-            if isinstance(verdict, Rejected):
-                self._send(self._dead_letter_of(msg.topic, msg.payload, verdict, tag, now))
-            else:
-                self._forward(msg.topic, msg.payload, verdict, tag, now)
+            self._inflight += len(batch)
+            for topic, payload, mid, verdict in verdicts:
+                tag = (self._conn, mid)
+                if isinstance(verdict, Rejected):
+                    self._send(self._dead_letter_of(topic, payload, verdict, tag, now))
+                else:
+                    self._forward(topic, payload, verdict, tag, now)
             BRIDGE_INFLIGHT.set(self._inflight)
 
     def _forward(self, topic: str, payload: bytes, ok: Accepted, tag: tuple[int, int], now: float) -> None:
@@ -490,10 +526,7 @@ class Bridge:
         for conn, mid in tags:
             if conn == self._conn:  # older mids: the broker re-sends those, and we ack the re-sends
                 self._client.ack(mid, 1)
-        if tags:
-            self._inflight -= len(tags)
-            BRIDGE_INFLIGHT.set(self._inflight)
-            self._room.notify_all()
+        self._inflight -= len(tags)
         if device is not None and seq is not None:
             self._acks.add(device, seq, now)
 
@@ -532,19 +565,31 @@ class Bridge:
         heapq.heappush(self._retries, (time.monotonic() + delay, next(self._tiebreak), rec))
 
     def _on_delivery(self, rec: Record, err: KafkaError | None, msg: Any) -> None:
+        self._reports.append((rec, err, msg))  # handled in a batch once poll() returns
+
+    def _handle_reports(self) -> None:
+        if not self._reports:
+            return
+        reports, self._reports = self._reports, []
         now = time.monotonic()
         self._last_report = now
+        produced: dict[str, int] = {}
         with self._lock:
-            if err is None:
-                self._confirmed(rec, msg, now)
-            else:
-                self._failed(rec, err)
+            for rec, err, msg in reports:
+                if err is None:
+                    self._confirmed(rec, msg, now, produced)
+                else:
+                    self._failed(rec, err)
+            BRIDGE_INFLIGHT.set(self._inflight)
+            self._room.notify_all()
+        for topic, count in produced.items():
+            BRIDGE_PRODUCED.labels(topic).inc(count)
 
-    def _confirmed(self, rec: Record, msg: Any, now: float) -> None:
+    def _confirmed(self, rec: Record, msg: Any, now: float, produced: dict[str, int]) -> None:
         self._kafka_connected = True
         self._stall_recreations = 0
         if rec.dead is None:
-            BRIDGE_PRODUCED.labels(rec.topic).inc()
+            produced[rec.topic] = produced.get(rec.topic, 0) + 1
             BRIDGE_DELIVERY_SECONDS.observe(now - rec.received)
             if rec.envelope_id is not None:
                 self._by_id.pop(rec.envelope_id, None)
@@ -553,7 +598,6 @@ class Bridge:
             BRIDGE_DLQ.labels(rec.dead).inc()
         if rec.future is not None:
             self._api_pending -= 1
-            self._room.notify_all()
             if rec.dead is None:
                 rec.future.set_result({"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()})
             else:
@@ -597,6 +641,7 @@ class Bridge:
     def _poll_loop(self) -> None:
         while not self._poll_stop.is_set():
             self._producer.poll(self._poll_timeout())
+            self._handle_reports()
             self._resend_due()
             if self._acks.due_in(time.monotonic()) == 0:
                 self._publish_e2e_acks()
@@ -651,6 +696,7 @@ class Bridge:
             old, self._producer = self._producer, self._new_producer()
         # Purged records come back through _failed and go to the new producer at once.
         self._close_producer(old)
+        self._handle_reports()
 
     @staticmethod
     def _close_producer(producer: Producer) -> None:

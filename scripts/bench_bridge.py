@@ -1,0 +1,295 @@
+#!/usr/bin/env python3
+"""Benchmark of the bridge against real Mosquitto + Tansu; prints one JSON line LAST.
+
+(a) drain: 20,000 envelopes queue in Mosquitto for two persistent sessions while
+    no bridge runs: ours (shared subscription) and a naive bridge written here
+    (paho subscribe -> confluent-kafka produce, PUBACK after delivery, no
+    validation, no e2e ack). Each then drains its backlog in a child process of
+    its own; msg/s = records Kafka confirmed / seconds from start.
+(b) latency: ``edge-agent bridge -c …`` (the real daemon) runs; we publish at a
+    fixed rate and a consumer stamps each record: MQTT publish -> Kafka consume.
+
+Usage: .venv/bin/python scripts/bench_bridge.py [--n 20000] [--rounds 2] [--rate 2000] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the test harness starts and stops the real brokers
+
+import paho.mqtt.client as mqtt  # noqa: E402
+import yaml  # noqa: E402
+from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
+
+from brokers import TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics, free_port, start_mosquitto, wait_for  # noqa: E402
+
+PREFIX = "bench"
+CAMERAS = 8  # keys spread over the topic's partitions
+PARTITIONS = 4
+RECEIVE_MAXIMUM = 1000
+
+
+def v5_client(client_id: str, **kw: Any) -> mqtt.Client:
+    return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, **kw)
+
+
+def session_props() -> Properties:
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    props.ReceiveMaximum = RECEIVE_MAXIMUM
+    return props
+
+
+def bridge_config(mqtt_port: int, kafka: str, topic: str, client_id: str, http_port: int,
+                  share_group: str = "bench") -> dict[str, Any]:
+    # Each run needs its own share group: Mosquitto gives an OFFLINE member of a group its
+    # share of the messages (queued in its session), so a stale drain session would eat them.
+    return {"mqtt": {"port": mqtt_port, "topic_prefix": PREFIX, "client_id": client_id, "share_group": share_group,
+                     "receive_maximum": RECEIVE_MAXIMUM},
+            "kafka": {"bootstrap_servers": kafka},
+            "topics": {"camera.events": topic}, "dlq": {"topic": topic + ".dlq"},
+            "http": {"listen": f"127.0.0.1:{http_port}"}, "log": {"level": "WARNING"}}
+
+
+# --- child processes: one bridge each, timed from start to the last Kafka confirmation ----------
+
+def drain_ours(args: argparse.Namespace) -> float:
+    from edge_agent.bridge import Bridge
+    from edge_agent.config import BridgeConfig
+    from edge_agent.metrics import BRIDGE_PRODUCED
+
+    cfg = BridgeConfig.model_validate(bridge_config(args.mqtt_port, args.kafka, args.topic, args.client_id,
+                                                    free_port()))
+    bridge = Bridge(cfg)
+    start = time.perf_counter()
+    bridge.start()
+    def produced() -> float:  # this one metric only: the whole registry (process stats) costs CPU
+        return sum(s.value for m in BRIDGE_PRODUCED.collect() for s in m.samples
+                   if s.name.endswith("_total") and s.labels.get("topic") == args.topic)
+
+    wait_for(lambda: produced() >= args.n, 300, interval=0.005, message="our bridge drained the backlog")
+    elapsed = time.perf_counter() - start
+    bridge.stop()
+    return elapsed
+
+
+def drain_naive(args: argparse.Namespace) -> float:
+    """The simplest correct bridge: no validation, no dedupe, no e2e ack, one producer, ack after delivery."""
+    producer = Producer({"bootstrap.servers": args.kafka, "enable.idempotence": True, "acks": "all",
+                         "linger.ms": 2})
+    client = v5_client(args.client_id, manual_ack=True)
+    done = [0]
+
+    def delivered(mid: int, err: Any, _msg: Any) -> None:
+        if err is None:
+            client.ack(mid, 1)
+            done[0] += 1
+
+    def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        device = msg.topic.split("/")[1]
+        producer.produce(args.topic, msg.payload, device.encode(), on_delivery=lambda e, m, mid=msg.mid: delivered(mid, e, m))
+
+    client.on_message = on_message
+    start = time.perf_counter()
+    client.connect("127.0.0.1", args.mqtt_port, clean_start=False, properties=session_props())
+    client.loop_start()
+    while done[0] < args.n:
+        producer.poll(0.01)
+    elapsed = time.perf_counter() - start
+    client.disconnect()
+    client.loop_stop()
+    return elapsed
+
+
+def cpu_seconds() -> float:
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+def child_main(args: argparse.Namespace) -> None:
+    import edge_agent.bridge  # noqa: F401 - imports are not part of the drain
+
+    cpu_before = cpu_seconds()
+    elapsed = drain_ours(args) if args.child == "ours" else drain_naive(args)
+    # CPU per message is what a loaded, shared machine cannot distort much (wall time it can).
+    print(json.dumps({"seconds": elapsed, "msg_s": args.n / elapsed,
+                      "cpu_us_per_msg": (cpu_seconds() - cpu_before) / args.n * 1e6}))
+
+
+# --- the orchestrator -------------------------------------------------------------------------
+
+def create_session(port: int, client_id: str, topic_filter: str) -> None:
+    """Connect once with a persistent session and subscribe, so the broker queues while we are away."""
+    subscribed = threading.Event()
+    client = v5_client(client_id)
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.connect("127.0.0.1", port, clean_start=False, properties=session_props())
+    client.loop_start()
+    client.subscribe(topic_filter, qos=1)
+    wait_for(subscribed.is_set, 10, message=f"SUBACK for {client_id}")
+    client.disconnect()
+    client.loop_stop()
+
+
+def envelope(seq: int, data: dict[str, Any]) -> bytes:
+    from edge_agent.envelope import build, encode
+
+    return encode(build("gw-bench", seq, "counting.crossing", data, camera_id=f"cam-{seq % CAMERAS}"))
+
+
+def publish_backlog(port: int, n: int, first_seq: int) -> None:
+    client = v5_client(f"bench-pub-{uuid.uuid4().hex[:6]}")
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    infos = [client.publish(f"{PREFIX}/gw-bench/up/camera.events", envelope(first_seq + i, {"i": i}), qos=1)
+             for i in range(n)]
+    for info in infos:
+        info.wait_for_publish(60)
+    client.disconnect()
+    client.loop_stop()
+
+
+def run_child(kind: str, mqtt_port: int, kafka: str, topic: str, client_id: str, n: int) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--mqtt-port", str(mqtt_port), "--kafka", kafka,
+                          "--topic", topic, "--client-id", client_id, "--n", str(n)],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} drain failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_drain(mqtt_port: int, kafka: str, n: int, rounds: int) -> dict[str, Any]:
+    ours_topic, naive_topic = f"drain-ours-{uuid.uuid4().hex[:6]}", f"drain-naive-{uuid.uuid4().hex[:6]}"
+    create_topics(kafka, [ours_topic, naive_topic], partitions=PARTITIONS)
+    create_session(mqtt_port, "bench-ours", f"$share/bench/{PREFIX}/+/up/#")
+    create_session(mqtt_port, "bench-naive", f"{PREFIX}/+/up/#")
+    ours, naive = [], []
+    for r in range(rounds):
+        publish_backlog(mqtt_port, n, first_seq=1 + r * n)  # both sessions queue a copy
+        # Alternate who goes first: the machine is shared and noisy.
+        order = [("naive", naive_topic, "bench-naive", naive), ("ours", ours_topic, "bench-ours", ours)]
+        for kind, topic, cid, results in (order if r % 2 == 0 else order[::-1]):
+            results.append(run_child(kind, mqtt_port, kafka, topic, cid, n))
+    rate = lambda runs: [round(r["msg_s"]) for r in runs]  # noqa: E731
+    cpu = lambda runs: round(statistics.median(r["cpu_us_per_msg"] for r in runs), 1)  # noqa: E731
+    best_ours, best_naive = max(rate(ours)), max(rate(naive))
+    return {"n": n, "ours_msg_s": rate(ours), "naive_msg_s": rate(naive), "ours_best_msg_s": best_ours,
+            "naive_best_msg_s": best_naive, "ratio_best": round(best_ours / best_naive, 3),
+            "ratio_median": round(statistics.median(rate(ours)) / statistics.median(rate(naive)), 3),
+            "ours_cpu_us_per_msg": cpu(ours), "naive_cpu_us_per_msg": cpu(naive),
+            "load_avg_1m": round(os.getloadavg()[0], 1)}
+
+
+def bench_latency(mqtt_port: int, kafka: str, rate: float, seconds: float, workdir: Path) -> dict[str, Any]:
+    topic = f"latency-{uuid.uuid4().hex[:6]}"
+    create_topics(kafka, [topic], partitions=PARTITIONS)
+    cfg_path = workdir / "bridge.yaml"
+    cfg_path.write_text(yaml.safe_dump(bridge_config(mqtt_port, kafka, topic, "bench-latency", free_port(),
+                                                share_group="bench-latency")))
+    log = open(workdir / "bridge.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "bridge", "-c", str(cfg_path)], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        return _measure_latency(mqtt_port, kafka, topic, rate, seconds)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def _measure_latency(mqtt_port: int, kafka: str, topic: str, rate: float, seconds: float) -> dict[str, Any]:
+    consumer = Consumer({"bootstrap.servers": kafka, "group.id": "bench-latency", **TANSU_CONSUMER_DEFAULTS})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def consume() -> None:
+        while not stop.is_set():
+            for msg in consumer.consume(1000, 0.01):
+                if msg.error() is None:
+                    latencies.append(time.time_ns() - json.loads(msg.value())["data"]["t_ns"])
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    client = v5_client(f"bench-lat-{uuid.uuid4().hex[:6]}")
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", mqtt_port)
+    client.loop_start()
+    # Warm-up: the bridge is connected and Kafka metadata fetched once a first record goes through.
+    client.publish(f"{PREFIX}/gw-bench/up/camera.events", envelope(1, {"t_ns": time.time_ns()}), qos=1)
+    wait_for(lambda: latencies, 60, message="first record through the bridge")
+    latencies.clear()
+    n = int(rate * seconds)
+    start = time.perf_counter()
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        client.publish(f"{PREFIX}/gw-bench/up/camera.events", envelope(2 + i, {"t_ns": time.time_ns()}), qos=1)
+    sent_s = time.perf_counter() - start
+    wait_for(lambda: len(latencies) >= n, 60, message=lambda: f"{n} records consumed (have {len(latencies)})")
+    stop.set()
+    reader.join(5)
+    consumer.close()
+    client.disconnect()
+    client.loop_stop()
+    ms = sorted(x / 1e6 for x in latencies)
+    pick = lambda q: round(ms[min(len(ms) - 1, int(q * len(ms)))], 2)  # noqa: E731
+    return {"rate_msg_s": rate, "achieved_msg_s": round(n / sent_s), "n": len(ms),
+            "p50_ms": pick(0.50), "p95_ms": pick(0.95), "p99_ms": pick(0.99), "max_ms": round(ms[-1], 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rate", type=float, default=2000)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--child", choices=["ours", "naive"])
+    ap.add_argument("--mqtt-port", type=int)
+    ap.add_argument("--kafka")
+    ap.add_argument("--topic")
+    ap.add_argument("--client-id")
+    args = ap.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-bridge-") as tmp:
+        work = Path(tmp)
+        mosq = start_mosquitto(work / "mosquitto", persistence=False,
+                               extra_conf="max_queued_messages 200000\nmax_inflight_messages 1000\n")
+        tansu = TansuBroker(work / "tansu").start()
+        try:
+            kafka = tansu.bootstrap
+            drain = bench_drain(mosq.port, kafka, args.n, args.rounds)
+            print(json.dumps({"drain": drain}), file=sys.stderr)
+            latency = bench_latency(mosq.port, kafka, args.rate, args.seconds, work)
+        finally:
+            tansu.kill()
+            mosq.kill()
+    result = {"bench": "bridge", "cpus": os.cpu_count(), "drain": drain, "latency": latency,
+              "targets": {"drain_msg_s": 10000, "drain_ratio": 0.8, "p95_ms": 25},
+              "meets": {"drain_msg_s": drain["ours_best_msg_s"] >= 10000, "drain_ratio": drain["ratio_best"] >= 0.8,
+                        "p95_ms": latency["p95_ms"] <= 25}}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
