@@ -191,6 +191,14 @@ class ManagedProcess:
         """kill -9 the group: no shutdown handlers run (crash tests)."""
         return self.stop(signal.SIGKILL, timeout=10)
 
+    def wait_exit(self, timeout: float) -> int:
+        """The exit code of a process expected to end by itself (fails the test if it does not)."""
+        assert self.proc is not None, "not started"
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise WaitTimeout(f"{self.argv} still running after {timeout:.1f}s:\n{self.output()[-3000:]}") from None
+
     def output(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

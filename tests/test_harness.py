@@ -341,8 +341,7 @@ def test_agent_process_runs_cli_and_is_killed(tmp_path: Path, agent_process: Any
     bad = tmp_path / "bad.yaml"
     bad.write_text("device_id: gw\nbogus_key: 1\n")
     proc = agent_process(["check-config", "-c", str(bad)])
-    wait_for(lambda: proc.returncode is not None, 30, message="check-config exit")
-    assert proc.returncode == 2
+    assert proc.wait_exit(30) == 2
     assert "bogus_key: unknown key" in proc.output()
 
     # A long-running child in its own group: stop() ends the whole group.
@@ -350,6 +349,8 @@ def test_agent_process_runs_cli_and_is_killed(tmp_path: Path, agent_process: Any
     sleeper.argv = ["bash", "-c", "sleep 300 & sleep 300; wait"]
     sleeper.start()
     assert sleeper.alive
+    with pytest.raises(AssertionError, match="still running after 0.1s"):
+        sleeper.wait_exit(0.1)
     assert sleeper.kill() == -9
     assert not sleeper.alive
 
