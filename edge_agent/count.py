@@ -146,6 +146,11 @@ class LineCounter:
         st.pending = None
         return crossing
 
+    def hand_over(self, old_id: int, new_id: int) -> None:
+        """``new_id`` is ``old_id`` under a new name (an ID switch): it continues its state."""
+        if old_id in self.tracks:
+            self.tracks[new_id] = self.tracks.pop(old_id)
+
     def end_track(self, track_id: int) -> Crossing | None:
         """The track is gone: a crossing still pending was real (it left on the new side)."""
         st = self.tracks.pop(track_id, None)

@@ -41,6 +41,10 @@ MIN_CONFIRM_FRAMES = 3
 CONFIRM_MARGIN = 0.02
 # A track unseen this long is gone (its id will not come back).
 LOST_SECONDS = 1.0
+# ID switch repair: a new track that starts this close (in box heights) to where a track vanished
+# within HANDOVER_SECONDS continues that track's line state, so a switch at the line loses nothing.
+HANDOVER_DISTANCE = 0.5
+HANDOVER_SECONDS = 1.0
 # An occupancy excursion ends after this many frames at or under the limit (no flapping alerts).
 OCCUPANCY_CLEAR_FRAMES = 3
 
@@ -74,10 +78,46 @@ class CountingStage:
         self.lines = [LineCounter(line, width, height, min_frames=frames, margin=CONFIRM_MARGIN) for line in lines]
         self.zones = [ZoneCounter(zone, width, height) for zone in zones]
         self._alive: set[int] = set()
+        self._steps = 0
+        self._last_seen: dict[int, tuple[int, np.ndarray, int]] = {}  # id -> (step, box, class)
+        self._max_id = 0
+        self._handover_steps = max(1, int(round(fps * HANDOVER_SECONDS)))
+
+    def _hand_over_switched_ids(self, tracks: list[TrackedObject]) -> None:
+        """A brand-new id next to where another id just vanished is the same object (an ID switch)."""
+        new = [t for t in tracks if t.track_id > self._max_id]
+        if not new:
+            return
+        seen_now = {t.track_id for t in tracks}
+        orphans = {tid: v for tid, v in self._last_seen.items()
+                   if tid not in seen_now and self._steps - v[0] <= self._handover_steps}
+        for t in new:
+            bottom = np.array([(t.xyxy[0] + t.xyxy[2]) / 2, t.xyxy[3]])
+            limit = HANDOVER_DISTANCE * float(t.xyxy[3] - t.xyxy[1])
+            best, best_d = None, limit
+            for tid, (_, box, cls) in orphans.items():
+                d = float(np.hypot(*(bottom - [(box[0] + box[2]) / 2, box[3]])))
+                if cls == t.class_id and d <= best_d:
+                    best, best_d = tid, d
+            if best is not None:
+                del orphans[best], self._last_seen[best]
+                for line in self.lines:
+                    line.hand_over(best, t.track_id)
+
+    def _remember(self, tracks: list[TrackedObject]) -> None:
+        for t in tracks:
+            self._last_seen[t.track_id] = (self._steps, t.xyxy, t.class_id)
+            self._max_id = max(self._max_id, t.track_id)
+        cutoff = self._steps - self._handover_steps
+        if len(self._last_seen) > 64 or self._steps % 32 == 0:
+            self._last_seen = {k: v for k, v in self._last_seen.items() if v[0] >= cutoff}
 
     def step(self, dets: Detections, frame: int, ts: float) -> StepResult:
         t0 = time.perf_counter()
+        self._steps += 1
         tracks = self.tracker.update(dets.xyxy, dets.scores, dets.class_ids)
+        self._hand_over_switched_ids(tracks)
+        self._remember(tracks)
         crossings: list[Crossing] = []
         for t in tracks:
             name = self.names[t.class_id]

@@ -54,12 +54,17 @@ def kalman_predict(means: np.ndarray, covs: np.ndarray) -> tuple[np.ndarray, np.
     return means @ _F.T, _F @ covs @ _F.T + q
 
 
-def kalman_update(mean: np.ndarray, cov: np.ndarray, xyah: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    h = mean[3]
-    r = np.diag(np.array([_STD_POS * h, _STD_POS * h, 1e-1, _STD_POS * h]) ** 2)
-    s = _H @ cov @ _H.T + r
-    gain = np.linalg.solve(s, (cov @ _H.T).T).T
-    return mean + gain @ (xyah - _H @ mean), cov - gain @ s @ gain.T
+def kalman_update(means: np.ndarray, covs: np.ndarray, xyah: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Correct many tracks at once with their measurements xyah (N, 4)."""
+    h = means[:, 3]
+    idx = np.arange(4)
+    s = covs[:, :4, :4].copy()  # H P H^T, as H picks the first four state entries
+    s[:, idx, idx] += np.stack([_STD_POS * h, _STD_POS * h, np.full_like(h, 1e-1), _STD_POS * h], axis=1) ** 2
+    pht = covs[:, :, :4]
+    gain = np.linalg.solve(s, pht.transpose(0, 2, 1)).transpose(0, 2, 1)  # S is symmetric
+    innovation = xyah - means[:, :4]
+    means = means + (gain @ innovation[:, :, None])[:, :, 0]
+    return means, covs - gain @ s @ gain.transpose(0, 2, 1)
 
 
 # --- association -------------------------------------------------------------------------------
@@ -104,17 +109,26 @@ class Track:
     state: TrackState = TrackState.NEW
     activated: bool = False
     hits: int = 1
+    xyxy: np.ndarray | None = None  # the Kalman estimate of the box: smoother than the raw detection
 
-    @property
-    def xyxy(self) -> np.ndarray:
-        """The Kalman estimate of the box: smoother than the raw detection."""
-        return xyah_to_xyxy(self.mean[:4])
+    def __post_init__(self) -> None:
+        self.xyxy = xyah_to_xyxy(self.mean[:4])
 
-    def observe(self, box: np.ndarray, score: float, class_id: int, frame: int) -> None:
-        self.mean, self.cov = kalman_update(self.mean, self.cov, xyxy_to_xyah(box))
-        self.score, self.class_id, self.last_frame = score, class_id, frame
-        self.state, self.activated = TrackState.TRACKED, True
-        self.hits += 1
+    def set_state(self, mean: np.ndarray, cov: np.ndarray, box: np.ndarray) -> None:
+        self.mean, self.cov, self.xyxy = mean, cov, box
+
+
+def observe(tracks: list[Track], boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, frame: int) -> None:
+    """Kalman-correct the matched tracks with their boxes, all in one batch."""
+    if not tracks:
+        return
+    means, covs = kalman_update(np.array([t.mean for t in tracks]), np.array([t.cov for t in tracks]),
+                                xyxy_to_xyah(boxes))
+    for t, m, c, b, sc, cl in zip(tracks, means, covs, xyah_to_xyxy(means[:, :4]), scores.tolist(), classes.tolist()):
+        t.set_state(m, c, b)
+        t.score, t.class_id, t.last_frame = sc, cl, frame
+        t.state, t.activated = TrackState.TRACKED, True
+        t.hits += 1
 
 
 @dataclass(frozen=True)
@@ -163,8 +177,8 @@ class ByteTracker:
         # A lost track's height velocity is zeroed so that it does not grow or shrink unseen.
         means[[t.state != TrackState.TRACKED for t in tracks], 7] = 0.0
         means, covs = kalman_predict(means, np.array([t.cov for t in tracks]))
-        for t, m, c in zip(tracks, means, covs):
-            t.mean, t.cov = m, c
+        for t, m, c, b in zip(tracks, means, covs, xyah_to_xyxy(means[:, :4])):
+            t.set_state(m, c, b)
 
     def update(self, xyxy: np.ndarray, scores: np.ndarray, class_ids: np.ndarray) -> list[TrackedObject]:
         self.frame += 1
@@ -180,23 +194,20 @@ class ByteTracker:
 
         # Stage 1: every confirmed or lost track against the high-score boxes.
         matches, rest_t, rest_d = assign(self._cost(pool, hi_box, hi_cls, hi_score), self.match_thresh)
-        for ti, di in matches:
-            pool[ti].observe(hi_box[di], float(hi_score[di]), int(hi_cls[di]), self.frame)
+        self._observe_pairs(pool, matches, hi_box, hi_score, hi_cls)
 
         # Stage 2: tracks still visible last frame against the low-score boxes (occlusion).
         second = [pool[i] for i in rest_t if pool[i].state == TrackState.TRACKED]
         lo_score = scores[~high]
         m2, rest2, _ = assign(self._cost(second, lo_box, lo_cls, None), self.second_match_thresh)
-        for ti, di in m2:
-            second[ti].observe(lo_box[di], float(lo_score[di]), int(lo_cls[di]), self.frame)
+        self._observe_pairs(second, m2, lo_box, lo_score, lo_cls)
         for ti in rest2:
             second[ti].state = TrackState.LOST
 
         # Tentative tracks get one frame to be confirmed.
         left_box, left_score, left_cls = hi_box[rest_d], hi_score[rest_d], hi_cls[rest_d]
         m3, rest3, rest_d3 = assign(self._cost(unconfirmed, left_box, left_cls, left_score), 0.7)
-        for ti, di in m3:
-            unconfirmed[ti].observe(left_box[di], float(left_score[di]), int(left_cls[di]), self.frame)
+        self._observe_pairs(unconfirmed, m3, left_box, left_score, left_cls)
         for ti in rest3:
             unconfirmed[ti].state = TrackState.REMOVED
 
@@ -205,6 +216,12 @@ class ByteTracker:
         self._housekeep(pool + unconfirmed + new)
         return [TrackedObject(t.track_id, t.xyxy, t.score, t.class_id)
                 for t in self.tracked if t.activated and t.last_frame == self.frame]
+
+    def _observe_pairs(self, tracks: list[Track], pairs: list[tuple[int, int]], boxes: np.ndarray,
+                       scores: np.ndarray, classes: np.ndarray) -> None:
+        if pairs:
+            ti, di = (list(x) for x in zip(*pairs))
+            observe([tracks[i] for i in ti], boxes[di], scores[di], classes[di], self.frame)
 
     def _start(self, box: np.ndarray, score: float, class_id: int) -> Track:
         mean, cov = kalman_initiate(xyxy_to_xyah(box))

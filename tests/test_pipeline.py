@@ -15,9 +15,10 @@ from brokers import wait_for
 
 from edge_agent.config import CameraConfig, LineConfig, ModelConfig, ZoneConfig
 from edge_agent.count import Segment
-from edge_agent.detect import Detector
+from edge_agent.detect import Detections, Detector
 from edge_agent.envelope import Draft
-from edge_agent.pipeline import CameraWorker, count_video
+from edge_agent.pipeline import CameraWorker, CountingStage, count_video
+from edge_agent.track import TrackedObject
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE_AGENT = [sys.executable, "-m", "edge_agent"]
@@ -204,3 +205,33 @@ def test_a_failing_outbox_does_not_stop_the_camera(detector, footage, tmp_path):
         wait_for(lambda: worker.status()["frames"] >= 3, 30, message="frames despite a failing outbox")
     finally:
         worker.stop()
+
+
+class ScriptedTracker:
+    """Replays given tracks frame by frame: lets a test force an ID switch exactly at the line."""
+
+    def __init__(self, frames: list[list[TrackedObject]]):
+        self.frames = iter(frames)
+        self.ids: set[int] = set()
+
+    def update(self, *_):
+        tracks = next(self.frames)
+        self.ids |= {t.track_id for t in tracks}
+        return tracks
+
+    def active_ids(self) -> set[int]:
+        return self.ids
+
+
+def test_an_id_switch_at_the_line_still_counts_one_crossing():
+    """Track 1 walks up to the line, vanishes, track 2 appears just past it: one `in`, not zero."""
+    def person(tid: int, x: float) -> TrackedObject:
+        return TrackedObject(tid, np.array([x - 15, 300, x + 15, 400], float), 0.9, 0)
+
+    script = [[person(1, x)] for x in (580, 560, 540, 520)] + [[]] + [[person(2, x)] for x in (480, 460, 440, 420)]
+    stage = CountingStage([LineConfig(id="v", points=((0.5, 0), (0.5, 1)))], [], 1000, 1000, ["person"],
+                          fps=10, confidence=0.3)
+    stage.tracker = ScriptedTracker(script)
+    none = Detections.empty()
+    crossings = [c for i in range(len(script)) for c in stage.step(none, i, i / 10).crossings] + stage.finish()
+    assert [(c.direction, c.track_id) for c in crossings] == [("in", 2)]
