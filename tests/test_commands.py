@@ -219,3 +219,17 @@ def test_commands_are_counted_by_command_and_code(h: Harness) -> None:
     before = COMMANDS.labels(command="unknown", result="404")._value.get()
     h.send("no_such_thing")
     assert COMMANDS.labels(command="unknown", result="404")._value.get() == before + 1
+
+
+def test_a_flood_beyond_the_queue_is_answered_503_not_dropped_silently(h: Harness) -> None:
+    from edge_agent.commands import QUEUE_SIZE
+    for i in range(QUEUE_SIZE):  # the worker is not started: the queue fills up
+        h.proc.on_message(BASE + "ping", b'{"request_id": "q%d"}' % i, None)
+    h.proc.on_message(BASE + "ping", b'{"request_id": "overflow"}', None)
+    from brokers import wait_for
+    wait_for(lambda: any(json.loads(p)["request_id"] == "overflow" for _, p, _ in h.published), 10)
+    answer = next(json.loads(p) for _, p, _ in h.published if json.loads(p)["request_id"] == "overflow")
+    assert answer["code"] == 503 and h.drafts[-1].type == "command.rejected"
+    h.proc.start()  # the queued ones are still answered
+    wait_for(lambda: len(h.published) == QUEUE_SIZE + 1, 10)
+    h.proc.stop()

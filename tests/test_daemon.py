@@ -416,6 +416,8 @@ def test_a_hand_edit_is_applied_and_a_broken_one_refused(running: Running) -> No
     fixed = version_of_file(running.cfg_path)
     op.wait_event("config.changed", version=fixed)
     assert running.proc.alive
+    res = op.call("reload_config")  # nothing new on disk now
+    assert res["code"] == 200 and res["result"] == {"version": fixed, "changed": [], "restart_required": []}
 
 
 # --- a camera source that dies ------------------------------------------------------------------
@@ -432,6 +434,11 @@ def test_a_camera_source_that_dies_mid_run_leaves_the_rest_working(running: Runn
     assert running.camera("cam-net")["state"] != "running"
     assert op.call("ping")["code"] == 200  # and commands still answer
     assert running.proc.alive
+    # The camera comes back: the agent picks it up again without a restart.
+    onlines = len(op.events("camera.online", camera_id="cam-net"))
+    running.stream.start()
+    wait_for(lambda: len(op.events("camera.online", camera_id="cam-net")) > onlines, 60)
+    wait_for(lambda: running.camera("cam-net")["state"] == "running", 60)
 
 
 def test_audit_records_carry_request_ids_codes_and_trace_ids(running: Running) -> None:
