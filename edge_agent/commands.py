@@ -132,6 +132,7 @@ class ReplayCache:
 
     def check_and_add(self, nonce: str, now: float) -> str | None:
         """None when fresh (and now remembered), else why it is refused."""
+        # A ts may be up to window_s ahead of our clock, so a nonce stays replayable for 2 windows.
         while self._seen and next(iter(self._seen.values())) < now - 2 * self._window_s:
             self._seen.popitem(last=False)
         if nonce in self._seen:

@@ -47,6 +47,18 @@ def watchdog_interval_s(default: float = 1.0) -> float:
     return default
 
 
+def command_secret(cfg: AgentConfig) -> bytes | None:
+    """The HMAC key; None only when none is configured (then the broker ACL is the only guard)."""
+    var = cfg.commands.hmac_secret_env
+    secret = env_secret(var)
+    if var and not secret:
+        # Fail closed: a key nobody knows, so every command gets 401 instead of running unsigned.
+        log.error("commands.hmac_secret_env names %s but it is not set: every command will be refused "
+                  "until it is set and the agent restarted", var)
+        return os.urandom(32)
+    return secret.encode() if secret else None
+
+
 def restart_required(change: ConfigChange) -> list[str]:
     return [p for p in change.changed if p.split(".", 1)[0] in RESTART_SECTIONS]
 
@@ -70,13 +82,9 @@ class Agent:
         self.supervisor = CameraSupervisor(self._make_worker, emit=self.emit)
         self.commands: CommandProcessor | None = None
         if cfg.commands.enabled:
-            secret = env_secret(cfg.commands.hmac_secret_env)
-            if cfg.commands.hmac_secret_env and not secret:
-                log.error("commands.hmac_secret_env names %s but it is not set: commands will run unsigned",
-                          cfg.commands.hmac_secret_env)
             self.commands = CommandProcessor(
                 self, device_id=cfg.device_id, topic_prefix=cfg.mqtt.topic_prefix,
-                secret=secret.encode() if secret else None, window_s=cfg.commands.window_s,
+                secret=command_secret(cfg), window_s=cfg.commands.window_s,
                 emit=self.emit, publish=self.uplink.publish_direct)
             self.uplink.set_command_handler(self.commands.on_message)
         if live is not None:

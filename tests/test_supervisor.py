@@ -183,3 +183,15 @@ def test_daemon_loop_withholds_watchdog_pings_while_a_camera_is_stuck(tmp_path: 
         agent.stop_requested.set()
         loop.join(5)
         agent.outbox.close()
+
+
+def test_a_named_but_missing_command_secret_fails_closed(monkeypatch) -> None:
+    from edge_agent.daemon import command_secret
+
+    monkeypatch.delenv("EDGE_TEST_NO_SUCH_SECRET", raising=False)
+    cfg = parse_agent({"device_id": "gw-s", "commands": {"hmac_secret_env": "EDGE_TEST_NO_SUCH_SECRET"}})
+    secret = command_secret(cfg)
+    assert secret is not None and len(secret) == 32  # unknown to anyone: every request gets 401
+    monkeypatch.setenv("EDGE_TEST_NO_SUCH_SECRET", "abc")
+    assert command_secret(cfg) == b"abc"
+    assert command_secret(parse_agent({"device_id": "gw-s"})) is None
