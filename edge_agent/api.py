@@ -267,7 +267,8 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
         body, ctype = metrics.exposition()
         return Response(content=body, media_type=ctype)
 
-    @app.post("/api/v1/queue/publish", response_model=PublishResponse, responses={**_ERRORS, 502: {"model": PublishResponse}, 504: {"model": PublishResponse}},
+    @app.post("/api/v1/queue/publish", response_model=PublishResponse,
+              responses={**_ERRORS, 502: {"model": PublishResponse}, 504: {"model": PublishResponse}},
               summary="wrap a message in an envelope and send it to Kafka; answers once Kafka confirms")
     def publish(body: Publish, response: Response,  # type: ignore[valid-type]
                 x_correlation_id: str | None = Header(None, max_length=256),

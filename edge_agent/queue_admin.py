@@ -184,7 +184,8 @@ class KafkaQueueAdmin:
         try:
             parts = self._partitions([self.dlq_topic]).get(self.dlq_topic, [])
             starts = self._start_offsets(parts)
-            consumer.assign([TopicPartition(tp.topic, tp.partition, starts.get((tp.topic, tp.partition), OFFSET_BEGINNING))
+            consumer.assign([TopicPartition(tp.topic, tp.partition,
+                                            starts.get((tp.topic, tp.partition), OFFSET_BEGINNING))
                              for tp in parts])
             for msg in self._read_to_end(consumer, len(parts), self.scan_limit):
                 source = self._source_of(msg)

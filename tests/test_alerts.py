@@ -28,8 +28,9 @@ PROMQL_WORDS = {
     "group_left", "group_right", "count", "abs", "predict_linear", "max_over_time", "min_over_time",
 }
 # Alerts the issue asks for, by what they watch.
-REQUIRED_ALERTS = {"EdgeKafkaConsumerLagHigh", "EdgeBridgeBacklogHigh", "EdgeBridgeDeliveryErrorRate", "EdgeBridgeDlqGrowing",
-                   "EdgeBridgeRetriesSpike", "EdgeDeviceOffline", "EdgeOutboxGrowing", "EdgeCameraFpsDropped"}
+REQUIRED_ALERTS = {"EdgeKafkaConsumerLagHigh", "EdgeBridgeBacklogHigh", "EdgeBridgeDeliveryErrorRate",
+                   "EdgeBridgeDlqGrowing", "EdgeBridgeRetriesSpike", "EdgeDeviceOffline", "EdgeOutboxGrowing",
+                   "EdgeCameraFpsDropped"}
 
 
 def exported_series() -> dict[str, set[str]]:

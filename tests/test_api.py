@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import uuid
 from concurrent.futures import Future
-from typing import Any
 
 import httpx
 import paho.mqtt.client as mqtt
@@ -84,7 +83,8 @@ def bridge_cfg(monkeypatch: pytest.MonkeyPatch) -> BridgeConfig:
     })
 
 
-def make_client(cfg: BridgeConfig, outcome: str = "ok", timeout: float = 30.0) -> tuple[TestClient, FakeBridge, FakeInspector]:
+def make_client(cfg: BridgeConfig, outcome: str = "ok",
+                timeout: float = 30.0) -> tuple[TestClient, FakeBridge, FakeInspector]:
     bridge, inspector = FakeBridge(cfg, outcome), FakeInspector()
     return TestClient(create_app(bridge, inspector, confirm_timeout_s=timeout)), bridge, inspector
 
@@ -228,7 +228,7 @@ def test_status_reports_group_lag_and_dead_letters(kafka, unique_topic: str) -> 
     reader.commit(offsets=[TopicPartition(topic, 0, 2)], asynchronous=False)  # read 2 of 5
     reader.close()
     producer = Producer(kafka.client_config())
-    for i in range(3):
+    for _ in range(3):
         _dead_letter(producer, dlq, topic, "retries_exhausted", b"{}")
     _dead_letter(producer, dlq, other, "invalid_json", b"not json")
     assert producer.flush(10) == 0
