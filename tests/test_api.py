@@ -371,3 +371,22 @@ def test_metrics_export_consumer_lag_without_slowing_the_scrape(bridge_cfg: Brid
     series = 'edge_bridge_consumer_lag{group="analytics",topic="camera.events"} 5.0'
     client.get("/metrics")  # starts the refresh in the background
     wait_for(lambda: series in client.get("/metrics").text, 10, message="lag series on /metrics")
+
+
+@pytest.mark.timeout(120)
+def test_consumer_count_of_an_active_group(kafka, unique_topic: str) -> None:
+    if not getattr(kafka, "external", False):
+        pytest.skip("Tansu reports no group members; run with EDGE_TEST_KAFKA=host:port against a real Kafka")
+    create_topics(kafka, [unique_topic], partitions=1)
+    group = f"active-{uuid.uuid4().hex[:6]}"
+    consumer = Consumer({**kafka.client_config(), "group.id": group, "session.timeout.ms": 6000,
+                         "auto.offset.reset": "earliest"})
+    try:
+        consumer.subscribe([unique_topic])
+        wait_for(lambda: consumer.poll(0.2) is None and consumer.assignment(), 60, message="partition assigned")
+        admin = KafkaQueueAdmin(kafka.client_config(), unique_topic + "-dlq")
+        [row] = wait_for(lambda: (s := admin.lags([unique_topic])) and s[0].consumerCount >= 1 and s, 30,
+                         message="the group's member counted")
+        assert [g.group for g in row.groups] == [group]
+    finally:
+        consumer.close()
