@@ -145,7 +145,7 @@ class ManagedProcess:
         self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "ManagedProcess":
+    def start(self) -> ManagedProcess:
         if self.alive:
             raise RuntimeError(f"{self.argv[0]} already running (pid {self.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -365,7 +365,7 @@ class MosquittoBroker:
     def alive(self) -> bool:
         return self.process.alive
 
-    def start(self, timeout: float = 15.0) -> "MosquittoBroker":
+    def start(self, timeout: float = 15.0) -> MosquittoBroker:
         self.process.start()
         self.process.wait_listening(self.host, self.port, timeout)
         if self.tls_port is not None:
@@ -379,7 +379,7 @@ class MosquittoBroker:
     def kill(self) -> None:
         self.process.kill()
 
-    def restart(self) -> "MosquittoBroker":
+    def restart(self) -> MosquittoBroker:
         self.stop()
         return self.start()
 
@@ -409,7 +409,7 @@ class ExternalMqtt:
     def _skip(self, what: str) -> None:
         pytest.skip(f"EDGE_TEST_MQTT names an external broker: cannot {what} it")
 
-    def start(self) -> "ExternalMqtt":
+    def start(self) -> ExternalMqtt:
         return self
 
     def stop(self) -> None:
@@ -418,7 +418,7 @@ class ExternalMqtt:
     def kill(self) -> None:
         self._skip("kill")
 
-    def restart(self) -> "ExternalMqtt":
+    def restart(self) -> ExternalMqtt:
         self._skip("restart")
         return self
 
@@ -494,7 +494,7 @@ class TansuBroker:
     def alive(self) -> bool:
         return self.process.alive
 
-    def start(self, timeout: float = 20.0) -> "TansuBroker":
+    def start(self, timeout: float = 20.0) -> TansuBroker:
         self.process.start()
         self.process.wait_listening(self.host, self.port, timeout)
         if self.advertised_port == self.port:
@@ -507,7 +507,7 @@ class TansuBroker:
     def kill(self) -> None:
         self.process.kill()
 
-    def restart(self) -> "TansuBroker":
+    def restart(self) -> TansuBroker:
         self.stop()
         return self.start()
 
@@ -525,7 +525,7 @@ class ExternalKafka:
     restartable: bool = False
 
     @classmethod
-    def from_env(cls) -> "ExternalKafka":
+    def from_env(cls) -> ExternalKafka:
         env = os.environ
         security: dict[str, Any] = {}
         if env.get("EDGE_TEST_KAFKA_SECURITY_PROTOCOL"):
@@ -550,7 +550,7 @@ class ExternalKafka:
     def _skip(self, what: str) -> None:
         pytest.skip(f"EDGE_TEST_KAFKA names an external Kafka: cannot {what} it")
 
-    def start(self) -> "ExternalKafka":
+    def start(self) -> ExternalKafka:
         return self
 
     def stop(self) -> None:
@@ -559,7 +559,7 @@ class ExternalKafka:
     def kill(self) -> None:
         self._skip("kill")
 
-    def restart(self) -> "ExternalKafka":
+    def restart(self) -> ExternalKafka:
         self._skip("restart")
         return self
 
@@ -604,7 +604,7 @@ def create_topics(target: KafkaTarget, names: Iterable[str], partitions: int = 1
     admin = AdminClient(client_config(target))
     futures = admin.create_topics([NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names],
                                   operation_timeout=timeout, request_timeout=timeout)
-    for name, fut in futures.items():
+    for fut in futures.values():
         try:
             fut.result(timeout)
         except KafkaException as e:
@@ -747,13 +747,13 @@ class TopicRecorder:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="topic-recorder", daemon=True)
 
-    def __enter__(self) -> "TopicRecorder":
+    def __enter__(self) -> TopicRecorder:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout: float = 20.0) -> "TopicRecorder":
+    def start(self, timeout: float = 20.0) -> TopicRecorder:
         create_topics(self.target, self.topics, partitions=self.partitions)
         self._rewind.set()
         self._thread.start()

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # so test modules can `import brokers`
 
-from brokers import (  # noqa: E402
+from brokers import (
     AgentProcess,
     ExternalKafka,
     ExternalMqtt,
@@ -30,10 +30,12 @@ from brokers import (  # noqa: E402
     TansuBroker,
     TlsKafka,
     parse_host_port,
-    shared_dir as _shared_dir,
     start_mosquitto,
     start_stunnel,
     start_tls_kafka,
+)
+from brokers import (
+    shared_dir as _shared_dir,
 )
 
 
