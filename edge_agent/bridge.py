@@ -791,7 +791,7 @@ def run_bridge(path: Path) -> int:
     stop_http = serve_http(bridge)
     _notify_systemd("READY=1")
     while not stop.wait(1.0):
-        pass
+        _notify_systemd("WATCHDOG=1")  # edge-bridge.service has WatchdogSec: a hung main loop gets restarted
     _notify_systemd("STOPPING=1")
     log.info("signal received: draining")
     bridge.stop()

@@ -113,3 +113,30 @@ def test_example_configs_are_valid(tmp_path: Path) -> None:
         proc = subprocess.run([sys.executable, "-m", "edge_agent", "check-config", "-c", str(REPO / "systemd" / name)],
                               env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
+
+
+# --- the notify protocol the units rely on (Type=notify + WatchdogSec), for real processes ---
+
+@pytest.mark.timeout(120)
+def test_bridge_speaks_the_notify_protocol_the_unit_expects(tmp_path: Path, mqtt_broker, kafka,
+                                                            agent_process) -> None:
+    import signal
+
+    import yaml
+    from brokers import free_port, wait_for
+    from test_daemon import NotifySocket
+
+    notify = NotifySocket(tmp_path / "notify.sock")
+    cfg = {"mqtt": {"host": mqtt_broker.host, "port": mqtt_broker.port, "client_id": "bridge-notify-test"},
+           "kafka": {"bootstrap_servers": kafka.bootstrap}, "http": {"listen": f"127.0.0.1:{free_port()}"}}
+    (tmp_path / "bridge.yaml").write_text(yaml.safe_dump(cfg))
+    try:
+        proc = agent_process(["bridge", "-c", str(tmp_path / "bridge.yaml")], env={"NOTIFY_SOCKET": str(notify.path)})
+        wait_for(lambda: notify.seen("READY=1"), 60, message=lambda: f"READY=1; output: {proc.output()[-2000:]}")
+        # WatchdogSec=60 in edge-bridge.service: without pings systemd would kill a healthy bridge.
+        wait_for(lambda: len(notify.seen("WATCHDOG=1")) >= 2, 30, message="watchdog pings")
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0
+        assert notify.seen("STOPPING=1")
+    finally:
+        notify.close()
