@@ -53,14 +53,17 @@ class Asset:
     shared_path: str  # relative to the shared dir
     url: str
     sha256: str
+    elsewhere: tuple[str, ...] = ()  # other local copies worth trying (checked like a download)
 
 
-# OpenCV ships this clip as samples/data/vtest.avi; the checksum is of that file (= ../shared's copy).
+# OpenCV ships this clip as samples/data/vtest.avi, and Debian in its opencv-doc package;
+# the checksum is of that file (checked: Debian's opencv-doc 4.6.0 copy = ../shared's copy).
 CLIP = Asset("PETS09-S2L1 clip", "footage/PETS09-S2L1/PETS09-S2L1.avi",
              "https://raw.githubusercontent.com/opencv/opencv/4.x/samples/data/vtest.avi",
-             "45cddc9490be69345cbdab64ca583be65987e864ca408038e648db99e10516cf")
+             "45cddc9490be69345cbdab64ca583be65987e864ca408038e648db99e10516cf",
+             elsewhere=("/usr/share/doc/opencv-doc/examples/data/vtest.avi",))
 MODEL = Asset("YOLOX-nano ONNX model", "models/yolox_nano.onnx",
-              "https://github.com/Kazuhito00/YOLOX-ONNX-TFLite-Sample/raw/main/model/yolox_nano.onnx",
+              "https://github.com/Kazuhito00/YOLOX-ONNX-TFLite-Sample/raw/HEAD/model/yolox_nano.onnx",
               "695e750a5d5754bb5a8d5325643b59282191a7e7a564e435a415fd3c578eab14")
 
 
@@ -86,8 +89,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_checked(asset: Asset, dest: Path, opener: Callable[[str], Any] = urllib.request.urlopen) -> Path:
+def download_checked(asset: Asset, dest: Path, opener: Callable[[str], Any] | None = None) -> Path:
     """Fetch ``asset`` to ``dest`` atomically; a wrong checksum leaves nothing behind."""
+    opener = opener or urllib.request.urlopen
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     say(f"downloading {asset.name} from {asset.url}")
@@ -106,13 +110,14 @@ def download_checked(asset: Asset, dest: Path, opener: Callable[[str], Any] = ur
 
 
 def locate(asset: Asset, cache_dir: Path) -> Path:
-    """The shared copy when present, else a verified download cached in ``cache_dir``."""
+    """The shared copy when present, else a verified local copy, else a verified download cached in ``cache_dir``."""
     shared = shared_dir() / asset.shared_path
     if shared.is_file():
         return shared
     cached = cache_dir / Path(asset.shared_path).name
-    if cached.is_file() and sha256_of(cached) == asset.sha256:
-        return cached
+    for candidate in (cached, *map(Path, asset.elsewhere)):
+        if candidate.is_file() and sha256_of(candidate) == asset.sha256:
+            return candidate
     return download_checked(asset, cached)
 
 

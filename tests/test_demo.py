@@ -113,3 +113,17 @@ def test_kafka_view_detects_a_seq_gap_and_drops_duplicates() -> None:
     assert records == {"camera.events": 2, "ai.inference.results": 3}
     view._add("camera.events", b"not json")  # counted, never breaks the view
     assert view.snapshot()[2]["camera.events"] == 3
+
+
+def test_without_shared_a_verified_local_copy_is_used_and_a_wrong_one_is_not(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("EDGE_SHARED_DIR", str(tmp_path / "no-shared"))
+    right, wrong = tmp_path / "right.avi", tmp_path / "wrong.avi"
+    right.write_bytes(b"the real clip")
+    wrong.write_bytes(b"something else")
+    asset = demo.Asset("test clip", "footage/x.avi", "https://example.invalid/x.avi",
+                       hashlib.sha256(b"the real clip").hexdigest(), elsewhere=(str(wrong), str(right)))
+    assert demo.locate(asset, tmp_path / "cache") == right
+    only_wrong = demo.Asset(asset.name, asset.shared_path, asset.url, asset.sha256, elsewhere=(str(wrong),))
+    monkeypatch.setattr(demo.urllib.request, "urlopen", lambda url: io.BytesIO(b"tampered"))
+    with pytest.raises(demo.DemoError, match="sha256"):
+        demo.locate(only_wrong, tmp_path / "cache")
