@@ -15,6 +15,7 @@ payloads stay on disk.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -25,6 +26,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
@@ -76,6 +78,15 @@ def _unpack(value: bytes) -> tuple[str, bytes]:
     return stream.decode(), payload
 
 
+def envelope_time(payload: bytes) -> float:
+    """The envelope's ``ts`` as a Unix time (0.0 when unreadable)."""
+    try:
+        ts = json.loads(payload)["ts"]
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+    except (ValueError, KeyError, TypeError):
+        return 0.0
+
+
 def seq_ranges(seqs: Iterable[int]) -> list[list[int]]:
     """[1,2,3,7,8] -> [[1,3],[7,8]]."""
     out: list[list[int]] = []
@@ -100,7 +111,9 @@ class Outbox:
         self._stream_of_pending: dict[int, str] = {}
         self._bytes = 0
         self._sizes: dict[int, int] = {}
-        self._ts: dict[int, float] = {}  # seq -> wall time stored (for the oldest age)
+        self._count: dict[str, int] = {s: 0 for s in STREAMS}
+        self._oldest_ts: tuple[int, float] | None = None  # (seq, its envelope time), read lazily
+        self._gauges_at = 0.0
         self._seq = 0
         self._rebuild_index()
         self._queue: "queue.Queue[_Put | object | None]" = queue.Queue()
@@ -111,7 +124,7 @@ class Outbox:
         self._wakeup = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="outbox-writer", daemon=True)
         self._writer.start()
-        self._refresh_gauges()
+        self._refresh_gauges(force=True)
         if self.reset_report:
             self._emit_reset_event()
 
@@ -169,7 +182,6 @@ class Outbox:
 
     def _rebuild_index(self) -> None:
         self._seq = int(self._cache.get(_SEQ_KEY, 0) or 0)
-        now = time.time()
         for key in self._cache.iterkeys():
             if not isinstance(key, int):
                 continue
@@ -183,7 +195,7 @@ class Outbox:
             self._unsent[stream].append(key)
             self._stream_of_pending[key] = stream
             self._sizes[key] = len(value)
-            self._ts[key] = now
+            self._count[stream] += 1
             self._bytes += len(value)
             self._seq = max(self._seq, key)
         self._seq = max(self._seq, self._read_sidecar() if self.reset_report else 0, self._seq)
@@ -265,12 +277,11 @@ class Outbox:
                     item.future.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
             return
         with self._lock:
-            now = time.time()
             for seq, stream, size, _ in staged:
                 self._unsent[stream].append(seq)
                 self._stream_of_pending[seq] = stream
                 self._sizes[seq] = size
-                self._ts[seq] = now
+                self._count[stream] += 1
                 self._bytes += size
         if self._seq // _SIDECAR_EVERY != first_seq // _SIDECAR_EVERY:
             self._write_sidecar(self._seq)
@@ -330,14 +341,14 @@ class Outbox:
         stream = self._stream_of_pending.pop(seq, None)
         if stream is None:
             return
-        self._inflight.pop(seq, None)
-        q = self._unsent[stream]
-        if q and q[0] == seq:
-            q.popleft()
-        elif seq in q:
-            q.remove(seq)
+        if self._inflight.pop(seq, None) is None:  # not in flight: it is in the unsent queue
+            q = self._unsent[stream]
+            if q and q[0] == seq:
+                q.popleft()
+            elif seq in q:  # O(n), but only for an ack of an entry we never sent (after a restart)
+                q.remove(seq)
         self._bytes -= self._sizes.pop(seq, 0)
-        self._ts.pop(seq, None)
+        self._count[stream] -= 1
 
     def _maybe_report_overflow(self, final: bool = False) -> None:
         """Store one ``outbox.overflow`` event naming the dropped seq ranges, at most once a second."""
@@ -433,22 +444,40 @@ class Outbox:
         with self._lock:
             return sum(len(q) for q in self._unsent.values())
 
-    def stats(self) -> dict:
+    def _oldest_age_s(self) -> float:
+        """Age of the oldest entry, from its envelope's ``ts`` (so it survives restarts)."""
         with self._lock:
-            by_stream = {s: 0 for s in STREAMS}
-            for st in self._stream_of_pending.values():
-                by_stream[st] += 1
-            oldest = min(self._ts.values(), default=None)
+            heads = [q[0] for q in self._unsent.values() if q]
+            if self._inflight:
+                heads.append(min(self._inflight))
+        if not heads:
+            return 0.0
+        oldest = min(heads)
+        if self._oldest_ts is None or self._oldest_ts[0] != oldest:
+            entry = self.get(oldest)
+            if entry is None:
+                return 0.0
+            self._oldest_ts = (oldest, envelope_time(entry.payload))
+        return round(max(0.0, time.time() - self._oldest_ts[1]), 3)
+
+    def stats(self) -> dict:
+        age = self._oldest_age_s()
+        with self._lock:
             return {"depth": len(self._stream_of_pending), "bytes": self._bytes,
                     "max_bytes": self.cfg.max_bytes, "inflight": len(self._inflight),
-                    "oldest_age_s": round(time.time() - oldest, 3) if oldest else 0.0,
-                    "next_seq": self._seq + 1, "by_stream": by_stream}
+                    "oldest_age_s": age, "next_seq": self._seq + 1, "by_stream": dict(self._count)}
 
-    def _refresh_gauges(self) -> None:
-        st = self.stats()
-        for stream, n in st["by_stream"].items():
+    def _refresh_gauges(self, force: bool = False) -> None:
+        # At thousands of acks a second the gauges need not follow every one.
+        now = time.monotonic()
+        if not force and now - self._gauges_at < 0.2:
+            return
+        self._gauges_at = now
+        with self._lock:
+            counts, size = dict(self._count), self._bytes
+        for stream, n in counts.items():
             metrics.OUTBOX_DEPTH.labels(stream=stream).set(n)
-        metrics.OUTBOX_BYTES.set(st["bytes"])
+        metrics.OUTBOX_BYTES.set(size)
 
     def close(self) -> None:
         if self._closed:
@@ -456,6 +485,7 @@ class Outbox:
         self._closed = True
         self._queue.put(None)
         self._writer.join(timeout=30)
+        self._refresh_gauges(force=True)
         self._write_sidecar(self._seq)
         self._cache.close()
 
@@ -475,8 +505,8 @@ class OutboxView:
 
     def stats(self) -> dict:
         by_stream = {s: {"depth": 0, "bytes": 0} for s in STREAMS}
-        oldest_ts: str | None = None
         oldest_seq: int | None = None
+        oldest_time = 0.0
         for key in self._cache.iterkeys():
             if not isinstance(key, int):
                 continue
@@ -488,13 +518,8 @@ class OutboxView:
             slot["depth"] += 1
             slot["bytes"] += len(value)
             if oldest_seq is None or key < oldest_seq:
-                oldest_seq = key
-                oldest_ts = Envelope.model_validate_json(payload).ts
-        age = 0.0
-        if oldest_ts:
-            from datetime import datetime
-
-            age = round(time.time() - datetime.fromisoformat(oldest_ts.replace("Z", "+00:00")).timestamp(), 3)
+                oldest_seq, oldest_time = key, envelope_time(payload)
+        age = round(max(0.0, time.time() - oldest_time), 3) if oldest_seq is not None else 0.0
         return {"path": str(self.cfg.path), "depth": sum(v["depth"] for v in by_stream.values()),
                 "bytes": sum(v["bytes"] for v in by_stream.values()), "max_bytes": self.cfg.max_bytes,
                 "oldest_age_s": age, "oldest_seq": oldest_seq,

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[str, bytes, "Properties | None"], None]
 _MAX_ACK_RANGE = 1_000_000  # an ack naming more seqs than this is malformed
+# Publishes awaiting the broker's PUBACK. paho walks its whole outgoing queue on every PUBACK,
+# so we hand it no more than this at a time (the end-to-end window is separate and larger).
+_PUBACK_WINDOW = 200
 
 
 @dataclass
@@ -137,8 +140,7 @@ class Uplink:
         configure_transport(client, self.cfg)
         client.will_set(self.topic_status, json.dumps({"state": "offline", "device_id": self.device_id}),
                         qos=1, retain=True)
-        # paho's own window only paces PUBACKs; our end-to-end window is self.cfg.max_inflight.
-        client.max_inflight_messages_set(min(self.cfg.max_inflight, 1000))
+        client.max_inflight_messages_set(_PUBACK_WINDOW)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -266,7 +268,7 @@ class Uplink:
             self._mid_to_seq.clear()
 
     def _budget(self) -> int:
-        room = self.cfg.max_inflight - len(self._inflight)
+        room = min(self.cfg.max_inflight - len(self._inflight), _PUBACK_WINDOW - len(self._mid_to_seq))
         if self.cfg.drain_rate <= 0:
             return room
         now = time.monotonic()
