@@ -452,6 +452,34 @@ def test_audit_records_carry_request_ids_codes_and_trace_ids(running: Running) -
         assert r["correlation_id"] in (r["data"]["request_id"], "corr-123")
 
 
+def test_metrics_page_has_the_design_names_and_counts_commands(running: Running) -> None:
+    import httpx
+
+    listen = yaml.safe_load(running.cfg_path.read_text())["http"]["listen"]
+    running.op.call("ping")
+    page = httpx.get(f"http://{listen}/metrics", timeout=10).text
+    for name in ("edge_frames_total", "edge_inference_seconds", "edge_camera_fps", "edge_crossings_total",
+                 "edge_outbox_depth", "edge_outbox_bytes", "edge_outbox_dropped_total", "edge_published_total",
+                 "edge_acked_total", "edge_resent_total", "edge_commands_total"):
+        assert f"# TYPE {name.removesuffix('_total')}" in page, name
+    pings = [line for line in page.splitlines()
+             if line.startswith('edge_commands_total{command="ping",result="200"}')]
+    assert pings and float(pings[0].split()[-1]) >= 1
+    assert 'edge_frames_total{camera="cam-1",result="processed"}' in page
+
+
+def test_log_lines_are_json_and_share_the_audit_trace_id(running: Running) -> None:
+    rid = running.op.call("get_status")["request_id"]
+    audit = running.op.wait_event("command.executed", request_id=rid)
+
+    def logged() -> list[dict]:
+        lines = running.proc.output().splitlines()
+        docs = [json.loads(line) for line in lines if line.startswith("{")]  # native libs print plain text
+        return [d for d in docs if d.get("trace_id") == audit["trace_id"]]
+    line = wait_for(logged, 30)[0]
+    assert line["command"] == "get_status" and line["correlation_id"] == rid and line["level"] == "info"
+
+
 # --- life cycle -----------------------------------------------------------------------------
 
 class NotifySocket:
