@@ -167,3 +167,21 @@ def test_unknown_stream_is_refused(tmp_path):
 def test_seq_ranges():
     assert seq_ranges([5, 1, 2, 3, 9, 8]) == [[1, 3], [5, 5], [8, 9]]
     assert seq_ranges([]) == []
+
+
+def test_outbox_command_prints_the_state(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(yaml.safe_dump({"device_id": "gw-1", "outbox": {"path": str(tmp_path / "outbox")}}))
+    with Outbox(_cfg(tmp_path), "gw-1") as box:
+        box.put(_draft("notifications"))
+        box.put(_draft("notifications"))
+    out = subprocess.run([sys.executable, "-m", "edge_agent", "outbox", "-c", str(cfg), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)
+    assert st["depth"] == 2 and st["by_stream"]["notifications"]["depth"] == 2 and st["oldest_age_s"] >= 0

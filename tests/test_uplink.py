@@ -321,3 +321,62 @@ def test_tls_with_password_and_acl_refusal_is_logged_and_the_entry_kept(tmp_path
     finally:
         bridge.loop_stop()
         bridge.disconnect()
+
+
+class StatusWatcher:
+    """Follows the retained status topic of a device."""
+
+    def __init__(self, broker, device: str = DEVICE):
+        self.states: list[dict] = []
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda c, u, m: self.states.append(json.loads(m.payload)) if m.payload else None
+        self.client.reconnect_delay_set(0.05, 0.5)
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(f"edge/{device}/status", qos=1)
+        self.client.loop_start()
+
+    def last(self) -> str | None:
+        return self.states[-1]["state"] if self.states else None
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_retained_status_online_then_offline_by_will_and_by_sigterm(tmp_path, mosquitto, agent_process):
+    broker = mosquitto()
+    watcher = StatusWatcher(broker)
+    try:
+        cfg, port = write_agent_config(tmp_path, broker, mqtt={"keepalive_s": 5})
+        proc, api = start_agent(agent_process, cfg, port)
+        wait_for(lambda: watcher.last() == "online", 20, message="online status")
+        proc.kill()  # no goodbye: the broker publishes the will
+        wait_for(lambda: watcher.last() == "offline", 30, message="offline will after kill -9")
+
+        proc, api = start_agent(agent_process, cfg, port)
+        wait_for(lambda: watcher.last() == "online", 20, message="online again")
+        assert proc.stop() == 0, proc.output()[-2000:]  # SIGTERM: a clean exit
+        wait_for(lambda: watcher.last() == "offline", 20, message="offline on SIGTERM")
+        assert watcher.states[-1].get("reason") == "shutdown"
+        assert '"agent gw-1 stopped"' in proc.output() or "agent gw-1 stopped" in proc.output()
+    finally:
+        watcher.close()
+    # a late subscriber sees the retained status
+    late = StatusWatcher(broker)
+    try:
+        wait_for(lambda: late.last() == "offline", 10, message="retained status")
+    finally:
+        late.close()
+
+
+def test_client_certificate_authentication(tmp_path, mosquitto, agent_process, acker_factory):
+    broker = mosquitto(tls=True, require_certificate=True)
+    cert, key = broker.client_cert("gw-1")
+    plain_acker = acker_factory(broker)  # the plain listener stays open for the stand-in bridge
+    cfg, port = write_agent_config(tmp_path, broker, mqtt={
+        "port": broker.tls_port, "tls": {"ca": str(broker.ca_path), "cert": str(cert), "key": str(key)}})
+    proc, api = start_agent(agent_process, cfg, port)
+    assert api.publish("notifications", {"type": "over.mtls"}).status_code == 200
+    wait_for(lambda: any(e["type"] == "over.mtls" for e in plain_acker.envelopes("notifications")), 30,
+             message="published over mutual TLS")
+    wait_for(lambda: api.status()["outbox"]["depth"] == 0, 30, message="acked")
