@@ -237,6 +237,12 @@ def test_restart_on_same_port_keeps_persistent_session(mosquitto: Any) -> None:
         sub.loop_stop()
 
 
+def test_bad_broker_config_fails_fast_with_the_brokers_own_message(mosquitto: Any) -> None:
+    """A typo in extra_conf must not turn into a 15 s readiness timeout with no clue."""
+    with pytest.raises(RuntimeError, match="Unknown configuration variable \"bogus_option\""):
+        mosquitto(extra_conf="bogus_option 1")
+
+
 def test_kill_then_start(mosquitto: Any, clients: Any) -> None:
     broker = mosquitto()
     broker.kill()
