@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 import cv2
@@ -78,10 +78,12 @@ def source_fps(cap: cv2.VideoCapture, default: float = 25.0) -> float:
     return float(fps) if fps and 0 < fps < 1000 else default
 
 
-def iter_file_frames(path: str | Path, fps: float | None = None, *, prefetch: int = 4) -> Iterator[tuple[int, np.ndarray]]:
+def iter_file_frames(path: str | Path, fps: float | None = None, *, prefetch: int = 4,
+                     transform: Callable[[np.ndarray], Any] | None = None) -> Iterator[tuple[int, Any]]:
     """(frame index, BGR image) of a video file: every frame, or subsampled to ``fps``.
 
-    Decoding runs in a helper thread (OpenCV releases the GIL) so that it overlaps inference.
+    Decoding (and ``transform``, e.g. the detector's preprocessing, whose result then replaces
+    the image) runs in a helper thread: OpenCV and numpy release the GIL, so it overlaps inference.
     """
     cap = open_capture(str(path))
     src_fps = source_fps(cap)
@@ -102,7 +104,7 @@ def iter_file_frames(path: str | Path, fps: float | None = None, *, prefetch: in
                 if not ok:
                     break
                 next_keep += step
-                frames.put((index, image))
+                frames.put((index, transform(image) if transform else image))
                 index += 1
         finally:
             frames.put(None)

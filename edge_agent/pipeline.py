@@ -208,10 +208,10 @@ def count_video(video: str | Path, detector: Detector, lines: list[LineConfig], 
                           fps=min(fps or src_fps, src_fps), confidence=detector.confidence)
     report = CountReport()
     started = time.perf_counter()
-    for index, image in iter_file_frames(video, fps):
+    for index, prepared in iter_file_frames(video, fps, transform=detector.prepare):
         if max_frames is not None and report.frames >= max_frames:
             break
-        dets = detector.run(image)
+        dets = detector.run_prepared(prepared)
         step = stage.step(dets, index, index / src_fps)
         _add_step(report, dets, step)
         if on_step is not None:

@@ -22,6 +22,7 @@ _STD_VEL = 1.0 / 160
 _F = np.eye(8)
 _F[:4, 4:] = np.eye(4)
 _H = np.eye(4, 8)
+_Q_SCALE = np.array([_STD_POS, _STD_POS, 0, _STD_POS, _STD_VEL, _STD_VEL, 0, _STD_VEL]) ** 2
 
 
 def xyxy_to_xyah(b: np.ndarray) -> np.ndarray:
@@ -44,14 +45,12 @@ def kalman_initiate(xyah: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def kalman_predict(means: np.ndarray, covs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Predict many tracks at once: means (N, 8), covs (N, 8, 8)."""
-    h = means[:, 3]
-    one = np.ones_like(h)
-    std = np.stack([_STD_POS * h, _STD_POS * h, 1e-2 * one, _STD_POS * h,
-                    _STD_VEL * h, _STD_VEL * h, 1e-5 * one, _STD_VEL * h], axis=1)
-    q = np.zeros_like(covs)
+    h2 = (means[:, 3:4] ** 2) * _Q_SCALE  # (N, 8) process noise variances, relative to height
+    h2[:, 2], h2[:, 6] = 1e-4, 1e-10
+    covs = _F @ covs @ _F.T
     idx = np.arange(8)
-    q[:, idx, idx] = std ** 2
-    return means @ _F.T, _F @ covs @ _F.T + q
+    covs[:, idx, idx] += h2
+    return means @ _F.T, covs
 
 
 def kalman_update(means: np.ndarray, covs: np.ndarray, xyah: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +205,10 @@ class ByteTracker:
 
         # Tentative tracks get one frame to be confirmed.
         left_box, left_score, left_cls = hi_box[rest_d], hi_score[rest_d], hi_cls[rest_d]
-        m3, rest3, rest_d3 = assign(self._cost(unconfirmed, left_box, left_cls, left_score), 0.7)
+        if unconfirmed:
+            m3, rest3, rest_d3 = assign(self._cost(unconfirmed, left_box, left_cls, left_score), 0.7)
+        else:
+            m3, rest3, rest_d3 = [], [], list(range(len(left_box)))
         self._observe_pairs(unconfirmed, m3, left_box, left_score, left_cls)
         for ti in rest3:
             unconfirmed[ti].state = TrackState.REMOVED

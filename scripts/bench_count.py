@@ -77,6 +77,8 @@ def run_peer(video: Path, model: ModelConfig, lines: list[LineConfig]) -> tuple[
         import supervision as sv
     except ImportError:
         return None
+    if not hasattr(sv, "ByteTrack"):  # removed in supervision 0.31; install 0.26 with --no-deps
+        raise SystemExit("this supervision has no ByteTrack: pip install --no-deps 'supervision==0.26.1'")
     width, height, src_fps, _ = video_size(video)
     detector = Detector(model)
     tracker = sv.ByteTrack(frame_rate=int(round(src_fps)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_agent.config import ModelConfig
-from edge_agent.detect import Detector, ModelFormatError, UnknownClassError, letterbox, nms_per_class
+from edge_agent.detect import Detector, ModelFormatError, UnknownClassError, letterbox_blob, nms_per_class
 from edge_agent.track import iou_matrix
 
 onnx = pytest.importorskip("onnx")
@@ -149,11 +149,15 @@ def test_yolox_decoder_on_a_known_grid_cell(tmp_path):
 
 def test_letterbox_pads_with_114_top_left_or_centred():
     image = np.zeros((50, 100, 3), np.uint8)
-    top_left, box = letterbox(image, (100, 100), centre=False)
+    image[..., 2] = 200  # red in BGR
+    blob, box = letterbox_blob(image, (100, 100), centre=False)
+    assert blob.shape == (1, 3, 100, 100) and blob.dtype == np.float32
     assert (box.scale, box.dx, box.dy) == (1.0, 0, 0)
-    assert top_left[60:, :, :].min() == 114 and top_left[:50].max() == 0
-    centred, box = letterbox(image, (100, 100), centre=True)
-    assert box.dy == 25 and centred[:25].min() == 114 and centred[25:75].max() == 0
+    assert blob[0, :, 50:].min() == 114 and blob[0, :2, :50].max() == 0 and blob[0, 2, :50].min() == 200
+    blob, box = letterbox_blob(image, (100, 100), centre=True, rgb=True, scale=1 / 255)
+    assert box.dy == 25
+    assert np.allclose(blob[0, :, :25], 114 / 255) and np.allclose(blob[0, :, 75:], 114 / 255)
+    assert np.allclose(blob[0, 0, 25:75], 200 / 255) and blob[0, 1:, 25:75].max() == 0  # red first in RGB
 
 
 def test_nms_keeps_overlapping_boxes_of_different_classes():
