@@ -9,6 +9,7 @@ supervision is installed. The last line printed is one JSON object.
 
     .venv/bin/python scripts/bench_count.py                      # PETS09-S2L1, default lines
     .venv/bin/python scripts/bench_count.py --clip TUD-Campus --line a:0,0.6,1,0.6 --peer
+    .venv/bin/python scripts/bench_count.py --worker-seconds 60          # RSS of one camera at 5 fps
 """
 
 from __future__ import annotations
@@ -111,6 +112,42 @@ def _peer_direction_is_swapped(sv) -> bool:
     return zone.out_count > zone.in_count  # DESIGN: right -> left on a downward line is "in"
 
 
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def run_worker(video: Path, model: ModelConfig, lines: list[LineConfig], seconds: float, fps: float) -> dict:
+    """One CameraWorker on the clip (looping, paced like a live camera) at ``fps``: memory and rates."""
+    import tempfile
+    import threading
+
+    from edge_agent.config import CameraConfig
+    from edge_agent.pipeline import CameraWorker
+
+    drafts = []
+    lock = threading.Lock()
+
+    def emit(d):
+        with lock:
+            drafts.append(d.type)
+
+    cam = CameraConfig(id="bench", source=str(video), loop=True, fps=fps, lines=lines)
+    with tempfile.TemporaryDirectory() as state:
+        worker = CameraWorker(cam, model, emit, device_id="bench", report_interval_s=5, state_dir=Path(state))
+        worker.start()
+        done = threading.Event()
+        done.wait(seconds)  # the run's length is the measurement, nothing to wait for
+        status = worker.status()
+        worker.stop()
+    now, peak = rss_mb()
+    return {"seconds": seconds, "target_fps": fps, "rss_mb": round(now, 1), "rss_peak_mb": round(peak, 1),
+            "frames": status["frames"], "processed_fps": status["processed_fps"],
+            "camera_fps": status["camera_fps"], "skipped": status["skipped"],
+            "events": {t: drafts.count(t) for t in sorted(set(drafts))}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clip", default="PETS09-S2L1", choices=sorted(CLIPS))
@@ -119,6 +156,8 @@ def main() -> int:
     ap.add_argument("--fps", type=float, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peer", action="store_true", help="also run supervision ByteTrack + LineZone")
+    ap.add_argument("--worker-seconds", type=float, default=0,
+                    help="instead: run one CameraWorker this long at --fps (default 5) and report its RSS")
     args = ap.parse_args()
 
     video = SHARED / "footage" / args.clip / CLIPS[args.clip]
@@ -127,6 +166,9 @@ def main() -> int:
     gt = load_gt(args.clip)
     truth = {x.id: true_counts(gt, x, width, height) for x in lines}
     model = ModelConfig(path=Path(args.model), threads=args.threads, classes=["person"])
+    if args.worker_seconds:
+        print(json.dumps(run_worker(video, model, lines, args.worker_seconds, args.fps or 5.0)))
+        return 0
 
     ours, result = run_ours(video, model, lines, args.fps)
     out = {"clip": args.clip, "frames": result["frames"], "fps": result["fps"], "timing": result["timing"],
