@@ -346,6 +346,10 @@ class CameraWorker:
             self._emit("camera.events", "camera.offline", {"source": self.reader._safe_source(), "reason": "stopped"})
         self.flush_report()
 
+    def alive(self) -> bool:
+        """Whether the processing thread runs (the supervisor rebuilds a worker whose thread died)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def heartbeat(self) -> float:
         """Monotonic time the processing loop last went round (it wakes at least twice a second)."""
         return self._beat

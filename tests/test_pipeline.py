@@ -235,3 +235,29 @@ def test_an_id_switch_at_the_line_still_counts_one_crossing():
     none = Detections.empty()
     crossings = [c for i in range(len(script)) for c in stage.step(none, i, i / 10).crossings] + stage.finish()
     assert [(c.direction, c.track_id) for c in crossings] == [("in", 2)]
+
+
+@pytest.mark.timeout(120)
+def test_worker_events_land_in_the_real_outbox(detector, footage, tmp_path):
+    """CameraWorker -> the durable outbox on disk: envelopes with camera id, per-device seq, streams."""
+    from edge_agent.config import OutboxConfig
+    from edge_agent.outbox import Outbox
+
+    with Outbox(OutboxConfig(path=tmp_path / "outbox", fsync="never"), "gw") as box:
+        worker = CameraWorker(camera("door", str(footage("TUD-Campus"))), detector.config, box.put,
+                              device_id="gw", report_interval_s=0.5, state_dir=tmp_path / "state", detector=detector)
+        worker.start()
+        try:
+            wait_for(lambda: box.stats()["by_stream"].get("ai.inference.results", 0) >= 2, 30,
+                     message=lambda: f"interval reports in the outbox: {box.stats()}")
+            assert worker.alive()
+        finally:
+            worker.stop()
+        assert not worker.alive()
+        entries = box.take_unsent(100)
+    types = [(e.stream, json.loads(e.payload)["type"]) for e in entries]
+    assert ("camera.events", "camera.online") in types
+    assert ("ai.inference.results", "counting.interval") in types
+    envelopes = [json.loads(e.payload) for e in entries]
+    assert {env["camera_id"] for env in envelopes} == {"door"}
+    assert sorted(env["seq"] for env in envelopes) == list(range(1, len(envelopes) + 1))
