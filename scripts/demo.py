@@ -485,6 +485,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"frames": frames, "lines": lines, "kafka": {t: records.get(t, 0) for t in (*STREAMS, DLQ)}}
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fps", type=float, default=None, help="camera fps (default: the clip's own rate)")
@@ -492,12 +496,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="give up when the clip has not ended by then (s)")
     p.add_argument("--workdir", default=None, help="where configs, outbox and logs go (default: a temp dir)")
     args = p.parse_args(argv)
+    # The children live in process groups of their own: a SIGTERM to the demo must still stop them.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where SIGINT is ignored
     try:
         result = run(args)
     except DemoError as e:
         say(f"demo failed: {e}")
         print(json.dumps({"error": str(e)}))
         return 1
+    except KeyboardInterrupt:  # everything started was already stopped on the way out
+        say("interrupted: brokers, bridge and agent stopped")
+        print(json.dumps({"error": "interrupted"}))
+        return 130
     print(json.dumps(result))
     return 0 if result["kafka"]["ai.inference.results"] > 0 else 1
 

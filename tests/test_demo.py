@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,43 @@ def test_without_shared_a_verified_local_copy_is_used_and_a_wrong_one_is_not(tmp
     monkeypatch.setattr(demo.urllib.request, "urlopen", lambda url: io.BytesIO(b"tampered"))
     with pytest.raises(demo.DemoError, match="sha256"):
         demo.locate(only_wrong, tmp_path / "cache")
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+@pytest.mark.timeout(240)
+def test_a_terminated_demo_stops_everything_it_started(tmp_path: Path, model_path, footage) -> None:
+    import re
+    import signal
+
+    from brokers import wait_for
+
+    footage("PETS09-S2L1")
+    workdir = tmp_path / "demo"
+    log = tmp_path / "demo.out"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "demo.py"), "--workdir", str(workdir)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        wait_for(lambda: "counting people" in log.read_text() or proc.poll() is not None, 150,
+                 message="the demo's agent running")
+        assert proc.poll() is None, log.read_text()
+        kafka_url = "tcp://" + re.search(r"\(Tansu\) (\S+)", log.read_text()).group(1)
+        assert _processes_mentioning(str(workdir)) and _processes_mentioning(kafka_url)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert json.loads(log.read_text().strip().splitlines()[-1]) == {"error": "interrupted"}
+    assert _processes_mentioning(str(workdir)) == [] and _processes_mentioning(kafka_url) == []
