@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the test harness starts and stops the real brokers
@@ -77,19 +78,40 @@ def drain_ours(args: argparse.Namespace) -> float:
     cfg = BridgeConfig.model_validate(bridge_config(args.mqtt_port, args.kafka, args.topic, args.client_id,
                                                     free_port()))
     bridge = Bridge(cfg)
-    start = time.perf_counter()
+    first: list[float] = []
+    bridge._client.on_message = _stamp_first(bridge._client.on_message, first)  # timing hook, benchmark only
     bridge.start()
+
     def produced() -> float:  # this one metric only: the whole registry (process stats) costs CPU
         return sum(s.value for m in BRIDGE_PRODUCED.collect() for s in m.samples
                    if s.name.endswith("_total") and s.labels.get("topic") == args.topic)
 
-    wait_for(lambda: produced() >= args.n, 300, interval=0.005, message="our bridge drained the backlog")
-    elapsed = time.perf_counter() - start
+    wait_for(lambda: produced() >= args.n, 300, interval=0.002, message="our bridge drained the backlog")
+    elapsed = time.perf_counter() - first[0]
     bridge.stop()
     return elapsed
 
 
+def _stamp_first(on_message: Callable[..., None], first: list[float]) -> Callable[..., None]:
+    """Drain time runs from the first message in: connecting and Kafka metadata are not the drain."""
+    def wrapped(*args: Any) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        on_message(*args)
+    return wrapped
+
+
 def drain_naive(args: argparse.Namespace) -> float:
+    return naive_bridge(args, lambda done: done >= args.n)
+
+
+def serve_naive(args: argparse.Namespace) -> None:
+    """The naive bridge on a fresh session until SIGTERM (latency run); ``args.ready`` appears once subscribed."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    naive_bridge(args, lambda _done: False, subscribe=f"{PREFIX}/+/up/#")
+
+
+def naive_bridge(args: argparse.Namespace, finished: Callable[[int], bool], subscribe: str | None = None) -> float:
     """The simplest correct bridge: no validation, no dedupe, no e2e ack, one producer, ack after delivery."""
     producer = Producer({"bootstrap.servers": args.kafka, "enable.idempotence": True, "acks": "all",
                          "linger.ms": 2})
@@ -105,13 +127,16 @@ def drain_naive(args: argparse.Namespace) -> float:
         device = msg.topic.split("/")[1]
         producer.produce(args.topic, msg.payload, device.encode(), on_delivery=lambda e, m, mid=msg.mid: delivered(mid, e, m))
 
-    client.on_message = on_message
-    start = time.perf_counter()
-    client.connect("127.0.0.1", args.mqtt_port, clean_start=False, properties=session_props())
+    first: list[float] = []
+    client.on_message = _stamp_first(on_message, first)
+    if subscribe:
+        client.on_connect = lambda c, *_: c.subscribe(subscribe, qos=1)
+        client.on_subscribe = lambda *_: Path(args.ready).touch()
+    client.connect("127.0.0.1", args.mqtt_port, clean_start=subscribe is not None, properties=session_props())
     client.loop_start()
-    while done[0] < args.n:
+    while not finished(done[0]):
         producer.poll(0.01)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - first[0]
     client.disconnect()
     client.loop_stop()
     return elapsed
@@ -125,6 +150,9 @@ def cpu_seconds() -> float:
 def child_main(args: argparse.Namespace) -> None:
     import edge_agent.bridge  # noqa: F401 - imports are not part of the drain
 
+    if args.child == "naive-serve":
+        serve_naive(args)
+        return
     cpu_before = cpu_seconds()
     elapsed = drain_ours(args) if args.child == "ours" else drain_naive(args)
     # CPU per message is what a loaded, shared machine cannot distort much (wall time it can).
@@ -197,16 +225,17 @@ def bench_drain(mqtt_port: int, kafka: str, n: int, rounds: int) -> dict[str, An
             "load_avg_1m": round(os.getloadavg()[0], 1)}
 
 
-def bench_latency(mqtt_port: int, kafka: str, rate: float, seconds: float, workdir: Path) -> dict[str, Any]:
-    topic = f"latency-{uuid.uuid4().hex[:6]}"
+def bench_naive_latency(mqtt_port: int, kafka: str, rate: float, seconds: float, workdir: Path) -> dict[str, Any]:
+    topic = f"latency-naive-{uuid.uuid4().hex[:6]}"
     create_topics(kafka, [topic], partitions=PARTITIONS)
-    cfg_path = workdir / "bridge.yaml"
-    cfg_path.write_text(yaml.safe_dump(bridge_config(mqtt_port, kafka, topic, "bench-latency", free_port(),
-                                                share_group="bench-latency")))
-    log = open(workdir / "bridge.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "bridge", "-c", str(cfg_path)], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    ready = workdir / "naive.ready"
+    log = open(workdir / "naive.log", "wb")
+    proc = subprocess.Popen([sys.executable, __file__, "--child", "naive-serve", "--mqtt-port", str(mqtt_port),
+                             "--kafka", kafka, "--topic", topic, "--client-id", "bench-naive-latency",
+                             "--ready", str(ready)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            start_new_session=True)
     try:
+        wait_for(ready.exists, 60, interval=0.1, message="naive bridge subscribed")
         return _measure_latency(mqtt_port, kafka, topic, rate, seconds)
     finally:
         proc.terminate()
@@ -214,7 +243,59 @@ def bench_latency(mqtt_port: int, kafka: str, rate: float, seconds: float, workd
         log.close()
 
 
-def _measure_latency(mqtt_port: int, kafka: str, topic: str, rate: float, seconds: float) -> dict[str, Any]:
+def bench_latency(mqtt_port: int, kafka: str, rate: float, seconds: float, workdir: Path) -> dict[str, Any]:
+    topic = f"latency-{uuid.uuid4().hex[:6]}"
+    create_topics(kafka, [topic], partitions=PARTITIONS)
+    cfg_path = workdir / "bridge.yaml"
+    http_port = free_port()
+    run = uuid.uuid4().hex[:6]  # a fresh session and share group: no backlog from earlier runs
+    cfg_path.write_text(yaml.safe_dump(bridge_config(mqtt_port, kafka, topic, f"bench-latency-{run}", http_port,
+                                                share_group=f"bench-latency-{run}")))
+    log = open(workdir / "bridge.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "bridge", "-c", str(cfg_path)], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        # Until the bridge has subscribed, its share group does not exist and messages are dropped.
+        wait_for(lambda: _mqtt_connected(http_port), 60, interval=0.1, message="bridge /healthz says MQTT connected")
+        return _measure_latency(mqtt_port, kafka, topic, rate, seconds)
+    except Exception:
+        log.flush()
+        print((workdir / "bridge.log").read_text()[-3000:], file=sys.stderr)
+        raise
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def bench_kafka_floor(kafka: str, rate: float, seconds: float) -> dict[str, Any]:
+    """Produce straight to Kafka at the same rate, same producer settings: the latency no bridge can beat."""
+    topic = f"latency-floor-{uuid.uuid4().hex[:6]}"
+    create_topics(kafka, [topic], partitions=PARTITIONS)
+    producer = Producer({"bootstrap.servers": kafka, "enable.idempotence": True, "acks": "all", "linger.ms": 2})
+    stop = threading.Event()
+    poller = threading.Thread(target=lambda: [producer.poll(0.05) for _ in iter(stop.is_set, True)], daemon=True)
+    poller.start()
+    try:
+        return _measure_latency(0, kafka, topic, rate, seconds,
+                                send=lambda payload: producer.produce(topic, payload, b"gw-bench"))
+    finally:
+        stop.set()
+        poller.join(5)
+        producer.flush(10)
+
+
+def _mqtt_connected(http_port: int) -> bool:
+    import httpx
+
+    try:
+        return bool(httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=1).json()["mqtt"]["connected"])
+    except (httpx.HTTPError, KeyError, ValueError):
+        return False
+
+
+def _measure_latency(mqtt_port: int, kafka: str, topic: str, rate: float, seconds: float,
+                     send: Callable[[bytes], Any] | None = None) -> dict[str, Any]:
     consumer = Consumer({"bootstrap.servers": kafka, "group.id": "bench-latency", **TANSU_CONSUMER_DEFAULTS})
     consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
     latencies: list[float] = []
@@ -229,12 +310,14 @@ def _measure_latency(mqtt_port: int, kafka: str, topic: str, rate: float, second
     reader = threading.Thread(target=consume, daemon=True)
     reader.start()
     client = v5_client(f"bench-lat-{uuid.uuid4().hex[:6]}")
-    client.max_inflight_messages_set(1000)
-    client.connect("127.0.0.1", mqtt_port)
-    client.loop_start()
+    if send is None:
+        client.max_inflight_messages_set(1000)
+        client.connect("127.0.0.1", mqtt_port)
+        client.loop_start()
+        send = lambda payload: client.publish(f"{PREFIX}/gw-bench/up/camera.events", payload, qos=1)  # noqa: E731
     # Warm-up: the bridge is connected and Kafka metadata fetched once a first record goes through.
-    client.publish(f"{PREFIX}/gw-bench/up/camera.events", envelope(1, {"t_ns": time.time_ns()}), qos=1)
-    wait_for(lambda: latencies, 60, message="first record through the bridge")
+    send(envelope(1, {"t_ns": time.time_ns()}))
+    wait_for(lambda: latencies, 60, interval=0.05, message="first record through the bridge")
     latencies.clear()
     n = int(rate * seconds)
     start = time.perf_counter()
@@ -242,14 +325,15 @@ def _measure_latency(mqtt_port: int, kafka: str, topic: str, rate: float, second
         delay = start + i / rate - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        client.publish(f"{PREFIX}/gw-bench/up/camera.events", envelope(2 + i, {"t_ns": time.time_ns()}), qos=1)
+        send(envelope(2 + i, {"t_ns": time.time_ns()}))
     sent_s = time.perf_counter() - start
     wait_for(lambda: len(latencies) >= n, 60, message=lambda: f"{n} records consumed (have {len(latencies)})")
     stop.set()
     reader.join(5)
     consumer.close()
-    client.disconnect()
-    client.loop_stop()
+    if client.is_connected():
+        client.disconnect()
+        client.loop_stop()
     ms = sorted(x / 1e6 for x in latencies)
     pick = lambda q: round(ms[min(len(ms) - 1, int(q * len(ms)))], 2)  # noqa: E731
     return {"rate_msg_s": rate, "achieved_msg_s": round(n / sent_s), "n": len(ms),
@@ -262,7 +346,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rate", type=float, default=2000)
     ap.add_argument("--seconds", type=float, default=10)
-    ap.add_argument("--child", choices=["ours", "naive"])
+    ap.add_argument("--child", choices=["ours", "naive", "naive-serve"])
+    ap.add_argument("--ready")
     ap.add_argument("--mqtt-port", type=int)
     ap.add_argument("--kafka")
     ap.add_argument("--topic")
@@ -281,11 +366,14 @@ def main() -> None:
             drain = bench_drain(mosq.port, kafka, args.n, args.rounds)
             print(json.dumps({"drain": drain}), file=sys.stderr)
             latency = bench_latency(mosq.port, kafka, args.rate, args.seconds, work)
+            print(json.dumps({"latency": latency}), file=sys.stderr)
+            naive_latency = bench_naive_latency(mosq.port, kafka, args.rate, args.seconds, work)
+            floor = bench_kafka_floor(kafka, args.rate, args.seconds)
         finally:
             tansu.kill()
             mosq.kill()
     result = {"bench": "bridge", "cpus": os.cpu_count(), "drain": drain, "latency": latency,
-              "targets": {"drain_msg_s": 10000, "drain_ratio": 0.8, "p95_ms": 25},
+              "naive_latency": naive_latency, "kafka_only_latency": floor, "targets": {"drain_msg_s": 10000, "drain_ratio": 0.8, "p95_ms": 25},
               "meets": {"drain_msg_s": drain["ours_best_msg_s"] >= 10000, "drain_ratio": drain["ratio_best"] >= 0.8,
                         "p95_ms": latency["p95_ms"] <= 25}}
     print(json.dumps(result))
