@@ -88,23 +88,26 @@ def running(cfg: BridgeConfig) -> Iterator[Bridge]:
 class Device:
     """The agent's side of the contract, in a few lines of paho: publish envelopes, collect e2e acks."""
 
-    def __init__(self, cfg: BridgeConfig, device_id: str = "gw-1"):
+    def __init__(self, cfg: BridgeConfig, device_id: str = "gw-1", *, port: int | None = None,
+                 auth: tuple[str, str] | None = None):
         self.prefix = cfg.mqtt.topic_prefix
         self.device_id = device_id
         self.acked: set[int] = set()
         self.ack_messages: list[dict[str, Any]] = []
         self.sent: dict[int, tuple[str, bytes, float]] = {}  # seq -> (topic, payload, last sent)
         self._lock = threading.Lock()
-        self._subscribed = threading.Event()
+        self.subacks = 0  # one per (re)connection: on_connect subscribes to the ack topic
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5)
         self.client.max_inflight_messages_set(1000)
         self.client.on_message = self._on_ack
-        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_subscribe = lambda *_: setattr(self, "subacks", self.subacks + 1)
         self.client.on_connect = lambda c, *_: c.subscribe(f"{self.prefix}/{device_id}/ack", qos=1)
-        self.client.connect(cfg.mqtt.host, cfg.mqtt.port)
+        if auth is not None:
+            self.client.username_pw_set(*auth)
+        self.client.connect(cfg.mqtt.host, port or cfg.mqtt.port)
         self.client.loop_start()
-        wait_for(self._subscribed.is_set, 10, message="device subscribed to its ack topic")
+        wait_for(lambda: self.subacks, 10, message="device subscribed to its ack topic")
 
     def _on_ack(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         body = json.loads(msg.payload)
@@ -157,8 +160,8 @@ class Device:
 def device_factory() -> Iterator[Any]:
     made: list[Device] = []
 
-    def make(cfg: BridgeConfig, device_id: str = "gw-1") -> Device:
-        made.append(Device(cfg, device_id))
+    def make(cfg: BridgeConfig, device_id: str = "gw-1", **kw: Any) -> Device:
+        made.append(Device(cfg, device_id, **kw))
         return made[-1]
 
     yield make
@@ -362,6 +365,48 @@ def test_a_producer_stuck_after_a_quick_broker_restart_is_replaced(
     assert set(range(101, 301)) <= set(seqs_of(records))
 
 
+def test_mqtt_broker_restart_the_bridge_reconnects_to_its_session(mosquitto: Any, kafka: Any,
+                                                                   device_factory: Any) -> None:
+    broker = mosquitto()
+    cfg = bridge_config(broker, kafka)
+    with running(cfg) as bridge:
+        dev = device_factory(cfg)
+        for seq in range(1, 101):
+            dev.send(seq)
+        dev.wait_acked(set(range(1, 101)), timeout=60)
+        broker.stop()
+        wait_for(lambda: not bridge.health()["mqtt"]["connected"], 15, message="bridge noticed the broker left")
+        broker.start()
+        wait_for(lambda: bridge.health()["mqtt"]["connected"] and dev.subacks >= 2, 60,
+                 message="bridge reconnected, device reconnected and subscribed again")
+        for seq in range(101, 301):
+            dev.send(seq)
+        dev.wait_acked(set(range(101, 301)), timeout=60)
+    records = consume_all(kafka, cfg.topics["camera.events"], expect_n=300, timeout=60)
+    assert set(seqs_of(records)) == set(range(1, 301))
+
+
+# --- the API's entry point -------------------------------------------------------------------------
+
+def test_submit_resolves_when_kafka_confirms_or_with_the_dead_letter(mqtt_broker: Any, kafka: Any) -> None:
+    from edge_agent.bridge import DeadLettered
+
+    cfg = bridge_config(mqtt_broker, kafka)
+    env = build("api-1", 1, "config.changed", {"k": "v"})
+    bad = build("api-1", 2, "config.changed", {})
+    with running(cfg) as bridge:
+        where = bridge.submit(cfg.topics["audit.logs"], env, key="custom-key").result(timeout=30)
+        assert where["topic"] == cfg.topics["audit.logs"] and where["offset"] >= 0
+        with pytest.raises(DeadLettered) as refused:
+            bridge.submit("not a valid topic!", bad).result(timeout=30)
+        assert refused.value.reason == "rejected"
+        assert bridge.health()["inflight"] == 0
+    [rec] = consume_all(kafka, cfg.topics["audit.logs"], expect_n=1, timeout=30)
+    assert rec.key == b"custom-key" and rec.headers["message-id"] == env.id.encode()
+    [dead] = consume_all(kafka, cfg.dlq.topic, expect_n=1, timeout=30)
+    assert dead.headers["dlq-source-topic"] == b"api" and dead.headers["message-id"] == bad.id.encode()
+
+
 # --- several bridges, shutdown, security ---------------------------------------------------------
 
 def test_two_bridges_share_one_stream(mqtt_broker: Any, kafka: Any, device_factory: Any,
@@ -429,6 +474,30 @@ def test_kafka_over_tls_through_stunnel(mqtt_broker: Any, tls_kafka: Any, device
         dev.wait_acked(set(range(1, 301)), timeout=60)
     records = consume_all(tls_kafka, cfg.topics["camera.events"], expect_n=300, timeout=60)
     assert sorted(seqs_of(records)) == list(range(1, 301))
+
+
+def test_mqtt_over_tls_with_a_password_from_the_environment(mosquitto: Any, kafka: Any, device_factory: Any,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    broker = mosquitto(tls=True, passwords={"bridge": "bridge-pw", "gw-1": "dev-pw"}, allow_anonymous=False)
+    cfg = bridge_config(broker, kafka, mqtt={"port": broker.tls_port, "tls": {"ca": str(broker.ca_path)},
+                                             "username": "bridge", "password_env": "T_BRIDGE_MQTT_PW"})
+    monkeypatch.setenv("T_BRIDGE_MQTT_PW", "wrong")
+    refused = Bridge(cfg)
+    refused.start()
+    try:
+        wait_for(lambda: "refused the connection" in caplog.text, 15, message="a clear error for a bad password")
+        assert refused.health()["mqtt"]["connected"] is False
+    finally:
+        refused.stop(timeout=5)
+    monkeypatch.setenv("T_BRIDGE_MQTT_PW", "bridge-pw")
+    with running(cfg):
+        dev = device_factory(cfg, port=broker.port, auth=("gw-1", "dev-pw"))
+        for seq in range(1, 51):
+            dev.send(seq)
+        dev.wait_acked(set(range(1, 51)), timeout=60)
+    records = consume_all(kafka, cfg.topics["camera.events"], expect_n=50, timeout=60)
+    assert sorted(seqs_of(records)) == list(range(1, 51))
 
 
 def test_kafka_with_sasl(mqtt_broker: Any, kafka: Any, device_factory: Any) -> None:
