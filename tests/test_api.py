@@ -390,3 +390,11 @@ def test_consumer_count_of_an_active_group(kafka, unique_topic: str) -> None:
         assert [g.group for g in row.groups] == [group]
     finally:
         consumer.close()
+
+
+def test_healthz_answers_200_even_when_health_breaks(bridge_cfg: BridgeConfig) -> None:
+    bridge = FakeBridge(bridge_cfg)
+    bridge.health = lambda: (_ for _ in ()).throw(RuntimeError("stats thread died"))  # type: ignore[method-assign]
+    client = TestClient(create_app(bridge, FakeInspector()))
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "health_error": "stats thread died"}
