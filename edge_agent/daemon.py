@@ -176,13 +176,16 @@ class Agent:
         return self.supervisor.snapshot(camera_id)
 
     def flush_outbox(self) -> dict:
-        """Send what waits now (bounded wait); acked entries leave as acks arrive."""
+        """Resend everything unacked now and wait (bounded) until nothing is left unsent."""
         before = self.outbox.unsent_count()
+        resent = self.uplink.status()["inflight"] if self.uplink.connected else 0
+        self.uplink.resend_now()
         deadline = time.monotonic() + FLUSH_WAIT_S
         while self.uplink.connected and self.outbox.unsent_count() and time.monotonic() < deadline:
             time.sleep(0.05)  # bounded: a command must answer even if the broker stalls
         stats = self.outbox.stats()
-        return {"connected": self.uplink.connected, "unsent_before": before, "unsent": self.outbox.unsent_count(),
+        return {"connected": self.uplink.connected, "unsent_before": before, "resent": resent,
+                "unsent": self.outbox.unsent_count(),
                 "depth": stats["depth"], "inflight": stats["inflight"]}
 
     # --- life cycle ---------------------------------------------------------------------

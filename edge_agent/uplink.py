@@ -91,6 +91,7 @@ class Uplink:
         self._tokens = 0.0
         self._token_at = time.monotonic()
         self._last_resend_scan = 0.0
+        self._resend_requested = threading.Event()  # flush_outbox: resend every unacked entry now
         self._status_extra: dict = {}
         self.last_error: str | None = None
         self.refused_total = 0
@@ -125,6 +126,10 @@ class Uplink:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation_data
         self._client.publish(topic, payload, qos=qos, properties=props)
+
+    def resend_now(self) -> None:
+        """Send every unacked entry again at the next loop turn, ignoring the ack-timeout backoff."""
+        self._resend_requested.set()
 
     def status(self) -> dict:
         return {"connected": self.connected, "host": self.cfg.host, "port": self.cfg.port,
@@ -296,11 +301,14 @@ class Uplink:
 
     def _resend_overdue(self) -> None:
         now = time.monotonic()
-        if now - self._last_resend_scan < 0.25:
+        forced = self._resend_requested.is_set()
+        if forced:
+            self._resend_requested.clear()
+        elif now - self._last_resend_scan < 0.25:
             return
         self._last_resend_scan = now
         for seq, f in list(self._inflight.items()):
-            if now - f.sent_at < self._ack_timeout(f.attempts):
+            if not forced and now - f.sent_at < self._ack_timeout(f.attempts):
                 continue
             entry = self.outbox.get(seq)
             if entry is None:  # acked or dropped meanwhile

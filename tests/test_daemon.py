@@ -120,6 +120,7 @@ class Operator:
         self.lock = threading.Lock()
         self.results: list[tuple[str, dict, bytes | None]] = []
         self.envelopes: dict[str, dict] = {}
+        self.receipts: dict[str, int] = {}  # envelope id -> times received
         self.statuses: list[dict] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"op-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5)
@@ -139,6 +140,7 @@ class Operator:
         with self.lock:
             if "/up/" in msg.topic:
                 self.envelopes[doc["id"]] = doc  # the agent may send an entry twice: keep one
+                self.receipts[doc["id"]] = self.receipts.get(doc["id"], 0) + 1
             elif msg.topic.endswith("/status"):
                 self.statuses.append(doc)
             else:
@@ -304,9 +306,14 @@ def test_restart_camera_restarts_only_that_camera(running: Running) -> None:
     assert cam2_after["frames"] >= cam2_before["frames"] and cam2_after["restarts"] == cam2_before["restarts"]
 
 
-def test_flush_outbox_answers_with_the_outbox_state(running: Running) -> None:
-    res = running.op.call("flush_outbox")
-    assert res["code"] == 200 and res["result"]["connected"] is True and "depth" in res["result"]
+def test_flush_outbox_resends_unacked_entries_now(running: Running) -> None:
+    op = running.op
+    # Nobody acks in this module and ack_timeout_s is 120 s: agent.started is still unacked.
+    started = op.wait_event("agent.started")
+    before = op.receipts[started["id"]]
+    res = op.call("flush_outbox")
+    assert res["code"] == 200 and res["result"]["connected"] is True and res["result"]["resent"] >= 1
+    wait_for(lambda: op.receipts[started["id"]] > before, 30, message="agent.started sent again")
 
 
 @pytest.mark.parametrize("build, code, why", [
