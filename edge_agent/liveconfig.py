@@ -196,7 +196,10 @@ class LiveConfig:
         if not isinstance(patch, dict):
             raise ConfigRejected(["patch: must be a JSON object (RFC 7396 merge patch)"])
         with self._lock:
-            raw = self.path.read_bytes()
+            try:
+                raw = self.path.read_bytes()
+            except OSError as e:
+                raise ConfigRejected([f"(file): cannot read {self.path}: {e.strerror or e}"]) from e
             on_disk = version_of(raw)
             if expected_version != on_disk:
                 raise VersionConflict(expected_version, on_disk)
@@ -213,7 +216,12 @@ class LiveConfig:
     def reload(self, *, source: Source = "file", correlation_id: str | None = None) -> ConfigChange | None:
         """Pick up the file as it is now; None when it did not change. Broken: ConfigRejected."""
         with self._lock:
-            raw = self.path.read_bytes()
+            try:
+                raw = self.path.read_bytes()
+            except OSError as e:  # deleted or unreadable: the running config stays
+                problems = [f"(file): cannot read {self.path}: {e.strerror or e}"]
+                self._reject(f"unreadable:{e.errno}", problems, correlation_id)
+                raise ConfigRejected(problems) from e
             version = version_of(raw)
             if version == self._state.version:
                 return None
@@ -305,9 +313,7 @@ class LiveConfig:
             try:
                 self.reload(source="file")
             except ConfigRejected:
-                pass  # audited in reload
-            except OSError as e:  # mid-rename or deleted: the next event or SIGHUP tries again
-                log.warning("cannot read config file %s: %s", self.path, e)
+                pass  # audited in reload; the next event or SIGHUP tries again
             except Exception:
                 log.exception("config reload failed")
 

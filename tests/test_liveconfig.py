@@ -182,3 +182,14 @@ def test_changed_paths_keys_lists_of_objects_by_id() -> None:
     old = {"cameras": [{"id": "a", "fps": 1}, {"id": "b", "fps": 1}], "x": [1, 2]}
     new = {"cameras": [{"id": "b", "fps": 1}, {"id": "a", "fps": 2}, {"id": "c"}], "x": [1, 3]}
     assert changed_paths(old, new) == ["cameras.a.fps", "cameras.c", "x"]
+
+
+def test_a_deleted_config_file_is_refused_and_the_running_config_stays(live: LiveConfig, cfg_file: Path) -> None:
+    version = live.state.version
+    cfg_file.unlink()
+    with pytest.raises(ConfigRejected) as e:
+        live.reload()
+    assert "cannot read" in e.value.problems[0] and live.state.version == version
+    assert live.rec.of_type("config.rejected")[0].data["running_version"] == version  # type: ignore[attr-defined]
+    with pytest.raises(ConfigRejected):
+        live.apply_patch({"report": {"interval_s": 1}}, version)

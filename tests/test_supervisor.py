@@ -195,3 +195,21 @@ def test_a_named_but_missing_command_secret_fails_closed(monkeypatch) -> None:
     monkeypatch.setenv("EDGE_TEST_NO_SUCH_SECRET", "abc")
     assert command_secret(cfg) == b"abc"
     assert command_secret(parse_agent({"device_id": "gw-s"})) is None
+
+
+def test_stop_all_stops_cameras_in_parallel(env) -> None:
+    sup, factory, _, _ = env
+    sup.start([cam("a"), cam("b"), cam("c")])
+    barrier = threading.Barrier(3, timeout=5)  # passes only if all three are stopping at the same time
+    met: list[str] = []
+
+    def stop_together(worker: FakeWorker):
+        def stop(timeout: float = 5.0) -> None:
+            barrier.wait()
+            met.append(worker.camera.id)
+        return stop
+
+    for w in factory.built:
+        w.stop = stop_together(w)  # type: ignore[method-assign]
+    sup.stop_all()
+    assert sorted(met) == ["a", "b", "c"]
