@@ -6,7 +6,7 @@ The same paths over a real Mosquitto with a real camera are in tests/test_daemon
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest

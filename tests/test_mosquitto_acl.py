@@ -17,8 +17,6 @@ from typing import Iterator
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from brokers import MOSQUITTO_BIN, ManagedProcess, Pki, free_port, wait_for
 
