@@ -230,10 +230,10 @@ class LatestFrameReader:
             self._stall_reported = True
             self.state = "stalled"
             self._down_since = self.last_frame_at
-            self.on_event("camera.frame_stall", {"source": self._safe_source(), "seconds_without_frame": round(age, 3)})
+            self.on_event("camera.frame_stall", {"source": self.safe_source(), "seconds_without_frame": round(age, 3)})
 
     # --- reader thread ---------------------------------------------------------------------
-    def _safe_source(self) -> str:
+    def safe_source(self) -> str:
         """The source without credentials (rtsp://user:pass@host)."""
         s = str(self.source)
         u = urlparse(s)
@@ -266,8 +266,8 @@ class LatestFrameReader:
         if self._down_since is None:
             self._down_since = time.monotonic()
         if was_online:
-            self.on_event("camera.offline", {"source": self._safe_source(), "reason": reason})
-        self.on_event("camera.stream_error", {"source": self._safe_source(), "error": reason,
+            self.on_event("camera.offline", {"source": self.safe_source(), "reason": reason})
+        self.on_event("camera.stream_error", {"source": self.safe_source(), "error": reason,
                                               "attempt": self.errors, "retry_in_s": round(delay, 3)})
         log.warning("camera %s: %s; retrying in %.1f s", self.camera.id, reason, delay)
         self._stop.wait(delay)
@@ -286,7 +286,7 @@ class LatestFrameReader:
             if not ok:
                 if is_file(self.source) and not self.camera.loop and n_since_open > 0:
                     self.state = "ended"
-                    self.on_event("camera.offline", {"source": self._safe_source(), "reason": "end of file"})
+                    self.on_event("camera.offline", {"source": self.safe_source(), "reason": "end of file"})
                     return True
                 return False
             n_since_open += 1
@@ -302,7 +302,7 @@ class LatestFrameReader:
             self.state = "running"
             self._down_since = None
             if not back:
-                self.on_event("camera.online", {"source": self._safe_source(),
+                self.on_event("camera.online", {"source": self.safe_source(),
                                                 "width": int(image.shape[1]), "height": int(image.shape[0])})
         self._stall_reported = False
         self.frames_read += 1

@@ -53,7 +53,12 @@ class UnknownClassError(ValueError):
 
 @dataclass
 class Detections:
-    """Boxes in source-image pixels (x1, y1, x2, y2), their scores and class indices."""
+    """Boxes in source-image pixels (x1, y1, x2, y2), their scores and class indices.
+
+    ``timing_ms``: inference is wall time of the onnxruntime call; preprocess and postprocess are
+    CPU time of the thread that ran them, since they may overlap inference in another thread and
+    their wall time would then count the wait for a core rather than their own cost.
+    """
 
     xyxy: np.ndarray  # (N, 4) float32
     scores: np.ndarray  # (N,) float32
@@ -282,18 +287,17 @@ class Detector:
 
     def prepare(self, image: np.ndarray) -> Prepared:
         """Preprocessing on its own, so a decode thread can do it while the model runs."""
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         blob, box = self.preprocess(image)
-        return Prepared(blob, box, image.shape[:2], (time.perf_counter() - t0) * 1e3)
+        return Prepared(blob, box, image.shape[:2], (time.thread_time() - t0) * 1e3)
 
     def run_prepared(self, p: Prepared) -> Detections:
         t1 = time.perf_counter()
         raw = self.infer(p.blob)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.thread_time()
         dets = self.decode(raw, p.box, p.image_hw)
-        t3 = time.perf_counter()
         dets.timing_ms = {"preprocess": p.preprocess_ms, "inference": (t2 - t1) * 1e3,
-                          "postprocess": (t3 - t2) * 1e3}
+                          "postprocess": (time.thread_time() - c2) * 1e3}
         return dets
 
     def run(self, image: np.ndarray) -> Detections:

@@ -113,7 +113,7 @@ class CountingStage:
             self._last_seen = {k: v for k, v in self._last_seen.items() if v[0] >= cutoff}
 
     def step(self, dets: Detections, frame: int, ts: float) -> StepResult:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()  # CPU time, like the detector's pre/postprocessing
         self._steps += 1
         tracks = self.tracker.update(dets.xyxy, dets.scores, dets.class_ids)
         self._hand_over_switched_ids(tracks)
@@ -130,7 +130,7 @@ class CountingStage:
         self._alive = alive
         boxes = [(t.xyxy, self.names[t.class_id]) for t in tracks]
         occupancy = {z.id: z.occupancy(boxes) for z in self.zones}
-        return StepResult(tracks, crossings, occupancy, (time.perf_counter() - t0) * 1e3)
+        return StepResult(tracks, crossings, occupancy, (time.thread_time() - t0) * 1e3)
 
     def finish(self) -> list[Crossing]:
         """End of the video: every track ends, pending crossings count."""
@@ -343,7 +343,7 @@ class CameraWorker:
         if self._stage is not None:
             self._record_crossings(self._stage.finish())
         if was_online:
-            self._emit("camera.events", "camera.offline", {"source": self.reader._safe_source(), "reason": "stopped"})
+            self._emit("camera.events", "camera.offline", {"source": self.reader.safe_source(), "reason": "stopped"})
         self.flush_report()
 
     def alive(self) -> bool:
@@ -396,7 +396,7 @@ class CameraWorker:
         if down >= self.camera.down_after_s and not self._down_alerted and self.reader.state != "ended":
             self._down_alerted = True
             self._emit("notifications", "alert.camera_down",
-                       {"source": self.reader._safe_source(), "down_for_s": round(down, 1),
+                       {"source": self.reader.safe_source(), "down_for_s": round(down, 1),
                         "last_error": self._last_error})
 
     # --- processing thread -----------------------------------------------------------------

@@ -135,7 +135,7 @@ def test_stall_is_reported_once(footage, tmp_path):
 
 def test_credentials_never_reach_events():
     reader = LatestFrameReader(CameraConfig(id="c", source="rtsp://admin:secret@10.0.0.1/s"), Events())
-    assert "secret" not in reader._safe_source() and "admin:***@" in reader._safe_source()
+    assert "secret" not in reader.safe_source() and "admin:***@" in reader.safe_source()
 
 
 def test_missing_file_becomes_a_stream_error_event(tmp_path: Path):
