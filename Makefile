@@ -1,6 +1,9 @@
 # Entry points on a fresh Debian/Ubuntu machine: `make demo` and `make test`.
 # Every target runs the idempotent setup first, so nothing else needs doing by hand.
 .PHONY: setup test test-fast demo clean
+# Keep output clean when make runs inside make (tests run `make demo` under `make test`
+# and parse its last line): no "Entering/Leaving directory" lines.
+MAKEFLAGS += --no-print-directory
 
 PYTEST ?= .venv/bin/pytest
 
