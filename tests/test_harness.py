@@ -421,7 +421,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 def test_make_test_sets_up_then_runs_the_whole_suite() -> None:
     dry = subprocess.run(["make", "--no-print-directory", "-n", "test"], check=False, cwd=REPO, capture_output=True, text=True, timeout=30)
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.splitlines() == ["scripts/setup_env.sh", ".venv/bin/pytest -q"]
+    assert dry.stdout.splitlines() == ["scripts/setup_env.sh", "env -u MAKELEVEL -u MAKEFLAGS -u MFLAGS .venv/bin/pytest -q"]
 
 
 @pytest.mark.timeout(600)
