@@ -54,6 +54,8 @@ create_venv() {
         echo "setup_env: $PYTHON is missing or older than 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1
     fi
     "$PYTHON" -m venv "$VENV" 2>/dev/null || {
+        # Debian splits venv (ensurepip) out of python3.
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
         "$PYTHON" -m venv "$VENV"
     }
