@@ -246,7 +246,8 @@ class LatestFrameReader:
         while not self._stop.is_set():
             self.last_attempt_at = time.monotonic()
             try:
-                cap = open_capture(self.source, timeout_s=self.camera.stall_s)
+                # Reads time out after twice stall_s: frame_stall is reported first, then reconnect.
+                cap = open_capture(self.source, timeout_s=2 * self.camera.stall_s)
             except StreamError as e:
                 delay = self._failed(str(e), delay)
                 continue

@@ -34,7 +34,7 @@ Direction = Literal["in", "out"]
 
 
 def anchor_point(xyxy: np.ndarray, kind: AnchorKind = "bottom_center") -> tuple[float, float]:
-    x1, y1, x2, y2 = (float(v) for v in xyxy[:4])
+    x1, y1, x2, y2 = xyxy[:4].tolist()
     y = {"bottom_center": y2, "center": (y1 + y2) / 2, "top_center": y1}[kind]
     return (x1 + x2) / 2, y
 
@@ -43,8 +43,9 @@ class Segment:
     """A directed segment in pixels; ``side`` > 0 is its right-hand side on screen (y down)."""
 
     def __init__(self, p1: tuple[float, float], p2: tuple[float, float]):
-        self.p1 = np.asarray(p1, dtype=float)
-        self.d = np.asarray(p2, dtype=float) - self.p1
+        # Plain floats: this runs per track, line and frame, where numpy scalars cost more than math.
+        self.p1 = (float(p1[0]), float(p1[1]))
+        self.d = (float(p2[0]) - self.p1[0], float(p2[1]) - self.p1[1])
         self.length = float(np.hypot(*self.d))
 
     @classmethod
@@ -54,7 +55,7 @@ class Segment:
 
     def cross(self, pt: tuple[float, float]) -> float:
         """z of d x (pt - p1): positive on the right-hand side as seen on screen (y down)."""
-        return float(self.d[0] * (pt[1] - self.p1[1]) - self.d[1] * (pt[0] - self.p1[0]))
+        return self.d[0] * (pt[1] - self.p1[1]) - self.d[1] * (pt[0] - self.p1[0])
 
     def distance(self, pt: tuple[float, float]) -> float:
         """Signed distance from the infinite line, in pixels (positive on the right-hand side)."""
@@ -70,8 +71,8 @@ class Segment:
         if (ca > 0) == (cb > 0):
             return None
         f = ca / (ca - cb)  # where the step meets the infinite line
-        hit = np.array([a[0] + (b[0] - a[0]) * f, a[1] + (b[1] - a[1]) * f])
-        t = float(np.dot(hit - self.p1, self.d) / np.dot(self.d, self.d))
+        hx, hy = a[0] + (b[0] - a[0]) * f - self.p1[0], a[1] + (b[1] - a[1]) * f - self.p1[1]
+        t = (hx * self.d[0] + hy * self.d[1]) / (self.d[0] ** 2 + self.d[1] ** 2)  # along the segment
         if t < 0.0 or t > 1.0:
             return None
         return "in" if cb > 0 else "out"

@@ -106,8 +106,9 @@ def letterbox_blob(image: np.ndarray, size_hw: tuple[int, int], *, centre: bool,
     dy, dx = ((th - nh) // 2, (tw - nw) // 2) if centre else (0, 0)
     # Bilinear, as in YOLOX's and Ultralytics' training pipelines (and 7x cheaper than INTER_AREA).
     resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    planes = cv2.split(resized)  # contiguous planes convert ~2x faster than a strided transpose
     if rgb:
-        resized = resized[:, :, ::-1]
+        planes = planes[::-1]
     blob = np.empty((1, 3, th, tw), np.float32)
     pad = PAD_VALUE * scale
     blob[0, :, :dy, :] = pad
@@ -115,7 +116,8 @@ def letterbox_blob(image: np.ndarray, size_hw: tuple[int, int], *, centre: bool,
     blob[0, :, dy:dy + nh, :dx] = pad
     blob[0, :, dy:dy + nh, dx + nw:] = pad
     inner = blob[0, :, dy:dy + nh, dx:dx + nw]
-    inner[...] = resized.transpose(2, 0, 1)
+    for channel, plane in enumerate(planes):
+        inner[channel] = plane
     if scale != 1.0:
         inner *= scale
     return blob, Letterbox(s, dx, dy)

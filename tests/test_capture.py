@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
+import socketserver
 import threading
+import time
 from pathlib import Path
+
+import cv2
 
 import pytest
 from brokers import free_port, wait_for
@@ -110,27 +115,77 @@ def test_dead_stream_reports_errors_and_backs_off():
     assert not events.of("camera.online")
 
 
+class MjpegServer:
+    """A real HTTP MJPEG camera on loopback: each connection gets ``frames`` JPEGs, then goes
+    silent for ``hold_s`` (a stalled stream) and hangs up."""
+
+    def __init__(self, video: Path, frames: int = 10, hold_s: float = 3.0):
+        cap = cv2.VideoCapture(str(video))
+        self.jpegs = [cv2.imencode(".jpg", cap.read()[1])[1].tobytes() for _ in range(frames)]
+        cap.release()
+        self.hold_s = hold_s
+        self.connections = 0
+        self.closing = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.connections += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                for jpeg in server.jpegs:
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                                     % len(jpeg) + jpeg + b"\r\n")
+                    self.wfile.flush()
+                    if server.closing.wait(0.05):
+                        return
+                server.closing.wait(server.hold_s)  # the stall
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/stream.mjpg"
+
+    def close(self):
+        self.closing.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def mjpeg_camera(footage):
+    server = MjpegServer(footage("TUD-Campus"))
+    yield server
+    server.close()
+
+
 @pytest.mark.timeout(60)
-def test_stall_is_reported_once(footage, tmp_path):
-    """A source that delivers frames and then nothing: one frame_stall, not one per check."""
+def test_http_stream_stall_is_reported_once_then_reconnects(mjpeg_camera):
+    """Frames, then silence: one frame_stall, then the read times out, offline + stream_error,
+    and the reader reconnects to the same stream and goes online again."""
     events = Events()
-    cam = CameraConfig(id="c", source=str(footage("TUD-Campus")), stall_s=0.3)
+    cam = CameraConfig(id="c", source=mjpeg_camera.url, stall_s=0.4, reconnect_min_s=0.1)
     reader = LatestFrameReader(cam, events)
     reader.start()
     try:
-        wait_for(lambda: reader.frames_read > 0, 20, message="first frame")
-        reader.stop()  # the thread is gone, the state stays "running": like a hung stream
-        reader.state = "running"
-        import time
-
-        wait_for(lambda: (reader.check_stall(time.monotonic()), events.of("camera.frame_stall"))[1], 5,
-                 message="frame_stall")
-        for _ in range(5):
-            reader.check_stall(time.monotonic())
-        assert len(events.of("camera.frame_stall")) == 1
-        assert reader.state == "stalled"
+        def second_online():
+            reader.check_stall(time.monotonic())  # what the worker's processing loop does
+            return len(events.of("camera.online")) >= 2
+        wait_for(second_online, 30, interval=0.05, message=lambda: f"reconnect; events {[t for t, _ in events.items]}")
     finally:
         reader.stop()
+    kinds = [t for t, _ in events.items]
+    first_stall = kinds.index("camera.frame_stall")
+    assert kinds[:first_stall].count("camera.frame_stall") == 0 and kinds.index("camera.online") < first_stall
+    assert kinds.index("camera.offline") > first_stall  # stall first, then the read gives up
+    assert kinds[:kinds.index("camera.offline")].count("camera.frame_stall") == 1  # once per stall
+    assert events.of("camera.stream_error")[0]["error"] == "stream stopped delivering frames"
+    assert mjpeg_camera.connections >= 2 and reader.frames_read > 10  # all of the first, some of the second
 
 
 def test_credentials_never_reach_events():
