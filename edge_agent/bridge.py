@@ -289,8 +289,8 @@ class Bridge:
         self._producer_cfg.setdefault("message.max.bytes", max(1_000_000, cfg.max_message_bytes + 65536))
         self._producer = self._new_producer()
         self._client = self._new_mqtt_client()
-        self._mqtt_thread = threading.Thread(target=self._mqtt_loop, name="bridge-mqtt", daemon=True)
-        self._poll_thread = threading.Thread(target=self._poll_loop, name="bridge-kafka", daemon=True)
+        self._mqtt_thread = threading.Thread(target=_logged(self._mqtt_loop), name="bridge-mqtt", daemon=True)
+        self._poll_thread = threading.Thread(target=_logged(self._poll_loop), name="bridge-kafka", daemon=True)
         self._poll_stop = threading.Event()
         self._stopped_reading = threading.Event()
         # Hand-over lists, each touched by one thread only: the MQTT thread's messages
@@ -326,6 +326,10 @@ class Bridge:
             self._api_pending += 1
             self._send(rec)
         return future
+
+    def alive(self) -> bool:
+        """Both worker threads still run (a crashed one means: no more watchdog pings, get restarted)."""
+        return self._mqtt_thread.is_alive() and self._poll_thread.is_alive()
 
     def health(self) -> dict[str, Any]:
         with self._lock:
@@ -706,6 +710,17 @@ class Bridge:
         producer.close()
 
 
+def _logged(target: Callable[[], None]) -> Callable[[], None]:
+    """A thread body whose crash lands in the JSON log (and stops the watchdog pings via alive())."""
+    def run() -> None:
+        try:
+            target()
+        except Exception:
+            log.exception("bridge thread %s crashed", threading.current_thread().name)
+            raise
+    return run
+
+
 def _header(headers: list[tuple[str, bytes]], name: str) -> str:
     return next((v.decode("utf-8", "replace") for k, v in reversed(headers) if k == name), "")
 
@@ -791,10 +806,14 @@ def run_bridge(path: Path) -> int:
     stop_http = serve_http(bridge)
     _notify_systemd("READY=1")
     while not stop.wait(1.0):
-        _notify_systemd("WATCHDOG=1")  # edge-bridge.service has WatchdogSec: a hung main loop gets restarted
+        # edge-bridge.service has WatchdogSec: a hung main loop or a dead worker thread gets restarted.
+        if bridge.alive():
+            _notify_systemd("WATCHDOG=1")
+        else:
+            log.error("a bridge thread died: withholding the watchdog ping")
     _notify_systemd("STOPPING=1")
     log.info("signal received: draining")
-    bridge.stop()
+    bridge.stop(timeout=20)  # inside the unit's TimeoutStopSec=30, with room to disconnect
     stop_http()
     return 0
 
