@@ -64,6 +64,7 @@ class Outbox:
             return [d for d in self.drafts if d.type == type_ and (camera is None or d.camera_id == camera)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_counts_on_real_footage_match_ground_truth(detector, footage):
     """The first 300 frames of PETS09-S2L1, a vertical and a horizontal line, against gt truth."""
@@ -83,6 +84,7 @@ def test_counts_on_real_footage_match_ground_truth(detector, footage):
     assert result["timing"]["inference_ms"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_count_cli_prints_the_design_json(model_path, footage):
     out = subprocess.run([*EDGE_AGENT, "count", str(footage("TUD-Campus")), "--model", str(model_path),
@@ -121,6 +123,7 @@ def camera(cam_id: str, source: str, **kw) -> CameraConfig:
                         lines=[LineConfig(id="v", points=((0.5, 0), (0.5, 1)))], **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_dead_camera_reports_and_reconnects_while_the_other_keeps_counting(detector, footage, tmp_path):
     outbox = Outbox()
@@ -154,6 +157,7 @@ def test_a_dead_camera_reports_and_reconnects_while_the_other_keeps_counting(det
     assert good.latest_jpeg()[:2] == b"\xff\xd8"  # a JPEG
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_worker_counts_emit_crossings_and_survive_a_restart(detector, footage, tmp_path):
     """Real clip through CameraWorker: crossings become events, totals persist across workers."""
