@@ -131,14 +131,22 @@ def shared_dir() -> Path:
 
 # --- managed child processes -----------------------------------------------------------------
 
+SETPRIV_BIN = shutil.which("setpriv")
+
+
 class ManagedProcess:
     """A child in its own process group with output captured to a file.
 
     A file (not a pipe) so a chatty child never blocks on a full pipe nobody reads.
+    ``die_with_parent``: the child gets SIGKILL when the test process dies
+    (``setpriv --pdeathsig``), so a pytest killed by ``timeout`` or Ctrl-C twice
+    leaves no brokers behind on this shared machine. Linux ties that signal to
+    the *thread* that started the child: start processes from the test's main thread.
     """
 
     def __init__(self, argv: Sequence[str], log_path: Path, *, env: Mapping[str, str] | None = None,
-                 cwd: Path | None = None):
+                 cwd: Path | None = None, die_with_parent: bool = True):
+        self.die_with_parent = die_with_parent and SETPRIV_BIN is not None
         self.argv = [str(a) for a in argv]
         self.log_path = Path(log_path)
         self.env = dict(env) if env is not None else None
@@ -149,8 +157,9 @@ class ManagedProcess:
         if self.alive:
             raise RuntimeError(f"{self.argv[0]} already running (pid {self.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = [SETPRIV_BIN, "--pdeathsig", "KILL", "--", *self.argv] if self.die_with_parent else self.argv
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=self.env, cwd=self.cwd, start_new_session=True)
         return self
 

@@ -6,6 +6,7 @@ import os
 import queue
 import ssl
 import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -372,6 +373,26 @@ def test_agent_process_kills_the_whole_group(tmp_path: Path) -> None:
     grandchild = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, message="pid file"))
     proc.stop(timeout=5)
     wait_for(lambda: _gone(grandchild), 10, message=f"grandchild {grandchild} gone")
+
+
+@pytest.mark.timeout(60)
+def test_brokers_die_with_a_killed_test_process(tmp_path: Path) -> None:
+    """A pytest killed by `timeout` runs no finalizers; its brokers must not outlive it."""
+    script = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from pathlib import Path;"
+        "from brokers import start_mosquitto;"
+        "b = start_mosquitto(Path(sys.argv[2])); print(b.process.pid, flush=True); time.sleep(300)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script, str(REPO / "tests"), str(tmp_path / "m")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        broker_pid = int(holder.stdout.readline())  # type: ignore[union-attr]
+        assert not _gone(broker_pid)
+        holder.kill()
+        wait_for(lambda: _gone(broker_pid), 10, message=f"mosquitto {broker_pid} gone with its test process")
+    finally:
+        holder.kill()
+        holder.wait(10)
 
 
 def _gone(pid: int) -> bool:
