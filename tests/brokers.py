@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import pytest
 
@@ -756,7 +756,7 @@ class TopicRecorder:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="topic-recorder", daemon=True)
 
-    def __enter__(self) -> TopicRecorder:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
