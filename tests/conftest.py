@@ -39,6 +39,25 @@ from brokers import (
 )
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the item so fixtures can tell at teardown whether the test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    report = getattr(request.node, "rep_call", None)
+    return report is None or report.failed  # no call report: setup failed
+
+
+def _dump_on_failure(request: pytest.FixtureRequest, name: str, text: str, tail: int = 4000) -> None:
+    """Print a process's log tail at teardown of a failed test (pytest shows it under 'Captured stdout teardown')."""
+    if _failed(request) and text:
+        print(f"----- {name} (last {tail} chars) -----\n{text[-tail:]}")
+
+
 def _external_mqtt() -> ExternalMqtt | None:
     value = os.environ.get("EDGE_TEST_MQTT")
     return ExternalMqtt(*parse_host_port(value)) if value else None
@@ -55,7 +74,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 # --- Mosquitto -------------------------------------------------------------------------------
 
 @pytest.fixture
-def mosquitto(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., MosquittoBroker]]:
+def mosquitto(tmp_path: Path, pki: Pki, request: pytest.FixtureRequest) -> Iterator[Callable[..., MosquittoBroker]]:
     """Factory: ``mosquitto(tls=…, require_certificate=…, passwords=…, acl=…, allow_anonymous=…, extra_conf=…)``.
 
     Each call starts a new broker on free ports; all are stopped after the test.
@@ -72,12 +91,13 @@ def mosquitto(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., MosquittoBroke
         return broker
 
     yield factory
-    for broker in started:
+    for i, broker in enumerate(started):
         broker.kill()
+        _dump_on_failure(request, f"mosquitto #{i} log", broker.log_text())
 
 
 @pytest.fixture
-def mqtt_broker(tmp_path: Path) -> Iterator[MosquittoBroker | ExternalMqtt]:
+def mqtt_broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MosquittoBroker | ExternalMqtt]:
     """A plain anonymous broker for this test (or EDGE_TEST_MQTT's)."""
     external = _external_mqtt()
     if external is not None:
@@ -86,6 +106,7 @@ def mqtt_broker(tmp_path: Path) -> Iterator[MosquittoBroker | ExternalMqtt]:
     broker = start_mosquitto(tmp_path / "mosquitto")
     yield broker
     broker.kill()
+    _dump_on_failure(request, "mosquitto log", broker.log_text())
 
 
 # --- Kafka (Tansu) ---------------------------------------------------------------------------
@@ -106,7 +127,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker | Ex
 
 
 @pytest.fixture
-def kafka_factory(tmp_path: Path) -> Iterator[Callable[[], TansuBroker]]:
+def kafka_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[], TansuBroker]]:
     """Factory of private Tansu brokers a test may stop/kill/restart (same port). Skips on EDGE_TEST_KAFKA."""
     if os.environ.get("EDGE_TEST_KAFKA"):
         pytest.skip("EDGE_TEST_KAFKA is set: broker restart tests need a private Tansu")
@@ -118,12 +139,13 @@ def kafka_factory(tmp_path: Path) -> Iterator[Callable[[], TansuBroker]]:
         return broker
 
     yield factory
-    for broker in started:
+    for i, broker in enumerate(started):
         broker.kill()
+        _dump_on_failure(request, f"tansu #{i} log", broker.log_text())
 
 
 @pytest.fixture
-def tls_kafka(tmp_path: Path, pki: Pki) -> Iterator[TlsKafka]:
+def tls_kafka(tmp_path: Path, pki: Pki, request: pytest.FixtureRequest) -> Iterator[TlsKafka]:
     """Tansu behind stunnel (SSL listener, CA at ``.ca_path``). Skips on EDGE_TEST_KAFKA."""
     if os.environ.get("EDGE_TEST_KAFKA"):
         pytest.skip("EDGE_TEST_KAFKA is set: the stunnel setup needs a private Tansu")
@@ -131,10 +153,12 @@ def tls_kafka(tmp_path: Path, pki: Pki) -> Iterator[TlsKafka]:
     yield tls
     tls.stunnel.kill()
     tls.tansu.kill()
+    _dump_on_failure(request, "stunnel log", tls.stunnel.output())
+    _dump_on_failure(request, "tansu log", tls.tansu.log_text())
 
 
 @pytest.fixture
-def stunnel(tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
+def stunnel(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., ManagedProcess]]:
     """Factory: ``stunnel(accept_port, "host:port", cert, key)``; all stopped after the test."""
     started: list[ManagedProcess] = []
 
@@ -144,8 +168,9 @@ def stunnel(tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
         return proc
 
     yield factory
-    for proc in started:
+    for i, proc in enumerate(started):
         proc.kill()
+        _dump_on_failure(request, f"stunnel #{i} log", proc.output())
 
 
 @pytest.fixture
@@ -190,7 +215,7 @@ def footage(shared_dir: Path) -> Callable[[str], Path]:
 # --- edge-agent child processes --------------------------------------------------------------
 
 @pytest.fixture
-def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+def agent_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., AgentProcess]]:
     """Factory: ``agent_process(["run", "-c", cfg], env={...})`` -> started AgentProcess.
 
     Output goes to a file (``.output()``); every process is killed after the test.
@@ -204,5 +229,6 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
         return proc.start() if start else proc
 
     yield factory
-    for proc in started:
+    for i, proc in enumerate(started):
         proc.kill()
+        _dump_on_failure(request, f"edge-agent #{i} {' '.join(proc.argv[3:])} output", proc.output())

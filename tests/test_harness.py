@@ -327,6 +327,24 @@ def test_stunnel_refuses_plaintext(tls_kafka: Any) -> None:
         admin.list_topics(timeout=3)
 
 
+def test_a_failed_test_shows_its_broker_and_agent_logs(tmp_path: Path) -> None:
+    """Debugging a red wire test starts with the broker's and the child's own words."""
+    (tmp_path / "test_fails.py").write_text(
+        "def test_fails(mqtt_broker, agent_process, tmp_path):\n"
+        "    agent_process(['check-config', '-c', str(tmp_path / 'missing.yaml')]).wait_exit(30)\n"
+        "    assert False, 'deliberate'\n"
+        "def test_passes(mqtt_broker):\n"
+        "    pass\n")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                          str(tmp_path / "test_fails.py")], check=False, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    assert run.returncode == 1, run.stdout[-3000:]
+    assert "1 failed, 1 passed" in run.stdout
+    assert run.stdout.count("----- mosquitto log") == 1  # only for the failed test
+    assert "mosquitto version 2." in run.stdout
+    assert "----- edge-agent #0 check-config -c" in run.stdout and "(file): cannot read" in run.stdout
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 def test_wait_for_returns_value_and_times_out() -> None:
