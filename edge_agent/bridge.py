@@ -414,7 +414,9 @@ class Bridge:
         while self._phase != _DONE:
             if self._phase != _RUNNING:
                 self._stopped_reading.set()  # everything read so far has been handled
-            if not self._mqtt_connected and not self._connect_once():
+            if not self._mqtt_connected and (self._phase != _RUNNING or not self._connect_once()):
+                # Disconnected: retry with backoff, or while stopping, just wait for the end
+                # (unacked messages come back to the next session).
                 with self._lock:
                     self._room.wait(backoff)
                 backoff = min(backoff * 2, self._cfg.mqtt.reconnect_max_s)

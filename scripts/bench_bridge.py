@@ -43,7 +43,7 @@ from brokers import TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics, free_po
 PREFIX = "bench"
 CAMERAS = 8  # keys spread over the topic's partitions
 PARTITIONS = 4
-RECEIVE_MAXIMUM = 1000
+RECEIVE_MAXIMUM = int(os.environ.get("BENCH_RECEIVE_MAXIMUM", "1000"))  # both bridges alike
 
 
 def v5_client(client_id: str, **kw: Any) -> mqtt.Client:
@@ -228,7 +228,7 @@ def bench_drain(mqtt_port: int, kafka: str, n: int, rounds: int) -> dict[str, An
 def bench_naive_latency(mqtt_port: int, kafka: str, rate: float, seconds: float, workdir: Path) -> dict[str, Any]:
     topic = f"latency-naive-{uuid.uuid4().hex[:6]}"
     create_topics(kafka, [topic], partitions=PARTITIONS)
-    ready = workdir / "naive.ready"
+    ready = workdir / f"naive-{uuid.uuid4().hex[:6]}.ready"
     log = open(workdir / "naive.log", "wb")
     proc = subprocess.Popen([sys.executable, __file__, "--child", "naive-serve", "--mqtt-port", str(mqtt_port),
                              "--kafka", kafka, "--topic", topic, "--client-id", "bench-naive-latency",
