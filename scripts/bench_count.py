@@ -65,14 +65,17 @@ def error_of(counted: dict, truth: dict) -> int:
     return abs(counted["in"] - truth["in"]) + abs(counted["out"] - truth["out"])
 
 
-def run_ours(video: Path, model: ModelConfig, lines: list[LineConfig], fps: float | None) -> tuple[dict, dict]:
+def run_ours(video: Path, model: ModelConfig, lines: list[LineConfig], fps: float | None) -> tuple[dict, dict, float]:
+    """(counts, count JSON, process CPU ms per frame: all threads, the load-independent cost)."""
     detector = Detector(model)
+    cpu = time.process_time()
     report = count_video(video, detector, lines, [], fps=fps)
+    cpu_ms = (time.process_time() - cpu) * 1e3 / max(report.frames, 1)
     result = report.as_dict([x.id for x in lines], [])
-    return {k: {"in": v["in"], "out": v["out"]} for k, v in result["lines"].items()}, result
+    return {k: {"in": v["in"], "out": v["out"]} for k, v in result["lines"].items()}, result, cpu_ms
 
 
-def run_peer(video: Path, model: ModelConfig, lines: list[LineConfig]) -> tuple[dict, float] | None:
+def run_peer(video: Path, model: ModelConfig, lines: list[LineConfig]) -> tuple[dict, float, float] | None:
     """YOLOX-nano + supervision ByteTrack + LineZone; None when supervision is missing."""
     try:
         import supervision as sv
@@ -88,7 +91,7 @@ def run_peer(video: Path, model: ModelConfig, lines: list[LineConfig]) -> tuple[
                                triggering_anchors=[sv.Position.BOTTOM_CENTER], minimum_crossing_threshold=3)
              for x in lines}
     swap = _peer_direction_is_swapped(sv)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     frames = 0
     for _, image in iter_file_frames(video):
         d = detector.run(image)
@@ -97,9 +100,10 @@ def run_peer(video: Path, model: ModelConfig, lines: list[LineConfig]) -> tuple[
             zone.trigger(dets)
         frames += 1
     fps = frames / (time.perf_counter() - start)
+    cpu_ms = (time.process_time() - cpu) * 1e3 / max(frames, 1)
     counts = {k: ({"in": z.out_count, "out": z.in_count} if swap else {"in": z.in_count, "out": z.out_count})
               for k, z in zones.items()}
-    return counts, fps
+    return counts, fps, cpu_ms
 
 
 def _peer_direction_is_swapped(sv) -> bool:
@@ -172,16 +176,18 @@ def main() -> int:
         return 0
 
     # Ours and the peer alternate, so that load from other processes hits both alike.
-    ours_fps, peer_fps, peer = [], [], None
+    ours_fps, ours_cpu, peer_fps, peer_cpu, peer = [], [], [], [], None
     for _ in range(args.repeat):
-        ours, result = run_ours(video, model, lines, args.fps)
+        ours, result, cpu_ms = run_ours(video, model, lines, args.fps)
         ours_fps.append(result["fps"])
+        ours_cpu.append(round(cpu_ms, 2))
         if args.peer:
             peer = run_peer(video, model, lines)
             if peer is not None:
-                peer_fps.append(peer[1])
-    out = {"clip": args.clip, "frames": result["frames"], "fps": max(ours_fps),
-           "fps_runs": ours_fps, "timing": result["timing"], "truth": truth, "ours": ours}
+                peer_fps.append(round(peer[1], 2))
+                peer_cpu.append(round(peer[2], 2))
+    out = {"clip": args.clip, "frames": result["frames"], "fps": max(ours_fps), "fps_runs": ours_fps,
+           "cpu_ms_per_frame": min(ours_cpu), "timing": result["timing"], "truth": truth, "ours": ours}
     total_truth = sum(t["in"] + t["out"] for t in truth.values())
     out["ours_error"] = sum(error_of(ours[k], truth[k]) for k in truth)
     out["ours_error_pct"] = round(100 * out["ours_error"] / max(total_truth, 1), 1)
@@ -192,7 +198,7 @@ def main() -> int:
         out["peer"] = "supervision not installed"
     elif args.peer:
         counts = peer[0]
-        out.update(peer=counts, peer_fps=round(max(peer_fps), 2), peer_fps_runs=[round(f, 2) for f in peer_fps],
+        out.update(peer=counts, peer_fps=max(peer_fps), peer_fps_runs=peer_fps, peer_cpu_ms_per_frame=min(peer_cpu),
                    peer_error=sum(error_of(counts[k], truth[k]) for k in truth))
         out["peer_error_pct"] = round(100 * out["peer_error"] / max(total_truth, 1), 1)
         for k in truth:
