@@ -126,6 +126,19 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker | Ex
     broker.kill()
 
 
+@pytest.fixture(autouse=True)
+def _session_kafka_alive(request: pytest.FixtureRequest) -> None:
+    """A session Tansu that died (crash, or a test that killed it by mistake) is restarted on
+    its port before the next test that uses it, instead of failing every later Kafka test."""
+    if "kafka" not in request.fixturenames:
+        return
+    broker = request.getfixturevalue("kafka")
+    if isinstance(broker, TansuBroker) and not broker.alive:
+        print(f"session Tansu had died (exit {broker.process.returncode}); restarting it empty:\n"
+              f"{broker.log_text()[-2000:]}")
+        broker.start()
+
+
 @pytest.fixture
 def kafka_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[], TansuBroker]]:
     """Factory of private Tansu brokers a test may stop/kill/restart (same port). Skips on EDGE_TEST_KAFKA."""

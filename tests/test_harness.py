@@ -284,6 +284,24 @@ def test_kafka_round_trip_with_headers(kafka: Any, unique_topic: str) -> None:
     assert len(read_topic(kafka, unique_topic)) == 50
 
 
+def test_a_dead_session_broker_is_revived_before_the_next_test(tmp_path: Path) -> None:
+    """One crash of the shared Tansu must not fail every later Kafka test of the session."""
+    (tmp_path / "test_revive.py").write_text(
+        "def test_kills_it(kafka):\n"
+        "    kafka.kill()\n"
+        "def test_still_has_kafka(kafka):\n"
+        "    from brokers import create_topics, consume_all\n"
+        "    from confluent_kafka import Producer\n"
+        "    create_topics(kafka, ['after'])\n"
+        "    p = Producer(kafka.client_config()); p.produce('after', b'x'); assert p.flush(20) == 0\n"
+        "    assert len(consume_all(kafka, 'after', 1, timeout=20)) == 1\n")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "conftest", "-p", "no:cacheprovider",
+                          str(tmp_path / "test_revive.py")], check=False, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env=_inner_pytest_env())
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "session Tansu had died (exit -9)" in run.stdout
+
+
 def test_consume_all_returns_short_on_timeout(kafka: Any, unique_topic: str) -> None:
     create_topics(kafka, [unique_topic])
     _produce(kafka, unique_topic, 3)
@@ -327,6 +345,12 @@ def test_stunnel_refuses_plaintext(tls_kafka: Any) -> None:
         admin.list_topics(timeout=3)
 
 
+def _inner_pytest_env() -> dict[str, str]:
+    """Environment for a pytest run inside a test: our conftest as a plugin, private brokers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_TEST_")}
+    return {**env, "PYTHONPATH": str(REPO / "tests")}
+
+
 def test_a_failed_test_shows_its_broker_and_agent_logs(tmp_path: Path) -> None:
     """Debugging a red wire test starts with the broker's and the child's own words."""
     (tmp_path / "test_fails.py").write_text(
@@ -337,7 +361,7 @@ def test_a_failed_test_shows_its_broker_and_agent_logs(tmp_path: Path) -> None:
         "    pass\n")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
                           str(tmp_path / "test_fails.py")], check=False, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+                         text=True, timeout=120, env=_inner_pytest_env())
     assert run.returncode == 1, run.stdout[-3000:]
     assert "1 failed, 1 passed" in run.stdout
     assert run.stdout.count("----- mosquitto log") == 1  # only for the failed test
