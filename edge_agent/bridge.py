@@ -749,6 +749,14 @@ def serve_http(bridge: Bridge) -> Callable[[], None]:
                                                lifespan="off"))
         thread = threading.Thread(target=server.run, name="bridge-http", daemon=True)
         thread.start()
+        # READY=1 and the log line below should mean "answers HTTP": wait (bounded) for uvicorn.
+        deadline = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not server.started:
+            log.error("the HTTP API on %s:%s did not start", host, port)
+        else:
+            log.info("HTTP API listening on %s:%s", host, port)
 
         def stop_uvicorn() -> None:
             server.should_exit = True
@@ -757,6 +765,7 @@ def serve_http(bridge: Bridge) -> Callable[[], None]:
     httpd = ThreadingHTTPServer((host, port), _fallback_handler(bridge))
     thread = threading.Thread(target=httpd.serve_forever, name="bridge-http", daemon=True)
     thread.start()
+    log.info("HTTP API listening on %s:%s (healthz and metrics only)", host, port)
 
     def stop_fallback() -> None:
         httpd.shutdown()
