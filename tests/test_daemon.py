@@ -563,3 +563,33 @@ def test_a_camera_that_cannot_start_does_not_stop_the_agent(tmp_path: Path, mosq
     finally:
         proc.kill()
         op.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_model_that_cannot_load_fails_cameras_with_backoff_until_fixed(tmp_path: Path, mosquitto) -> None:
+    """Live model change to a missing file: workers cannot be built, the agent stays up and retries."""
+    broker = mosquitto()
+    op = Operator(broker.port)
+    cfg = agent_config(tmp_path, broker.port, [file_camera("cam-1", footage_file("PETS09-S2L1", "avi"))])
+    proc, _ = start_agent(tmp_path, cfg)
+    try:
+        op.wait_event("agent.started")  # published after the agent subscribed to its commands
+        wait_for(lambda: op.call("get_status")["result"]["cameras"]["cam-1"]["frames"] > 0, 90)
+        version = op.call("get_config")["result"]["version"]
+        res = op.call("set_config", {"patch": {"model": {"path": str(tmp_path / "gone.onnx")}},
+                                     "expected_version": version})
+        assert res["code"] == 200 and res["result"]["changed"] == ["model.path"]
+        failure = op.wait_event("camera.stream_error", camera_id="cam-1", stage="worker")
+        assert "gone.onnx" in failure["data"]["error"]
+        wait_for(lambda: len(op.events("camera.stream_error", camera_id="cam-1", stage="worker")) >= 2, 30,
+                 message="a second attempt after the backoff")
+        cam = op.call("get_status")["result"]["cameras"]["cam-1"]
+        assert cam["state"] == "failed" and "gone.onnx" in cam["last_error"] and proc.alive
+        version = op.call("get_config")["result"]["version"]
+        assert op.call("set_config", {"patch": {"model": {"path": str(model_file())}},
+                                      "expected_version": version})["code"] == 200
+        wait_for(lambda: (c := op.call("get_status")["result"]["cameras"]["cam-1"])["state"] == "running"
+                 and c["frames"] > 0, 90)
+    finally:
+        proc.kill()
+        op.close()
