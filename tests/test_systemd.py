@@ -155,3 +155,10 @@ def test_bridge_speaks_the_notify_protocol_the_unit_expects(tmp_path: Path, mqtt
         assert notify.seen("STOPPING=1")
     finally:
         notify.close()
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_install_script_passes_shellcheck() -> None:
+    proc = subprocess.run(["shellcheck", str(REPO / "scripts" / "install.sh")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout
