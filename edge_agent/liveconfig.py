@@ -275,18 +275,29 @@ class LiveConfig:
         """Safe from a signal handler: the watcher thread does the work."""
         self._wake.set()
 
-    def start_watching(self) -> None:
-        """Reload after hand edits: inotify via watchdog (no polling delay, no busy loop)."""
+    def start_watching(self, *, file_watch: bool = True) -> None:
+        """Reload after hand edits: inotify via watchdog (no polling delay, no busy loop).
+
+        The reload thread also serves ``request_reload`` (SIGHUP), so that still works when
+        the file watch cannot start (e.g. the host ran out of inotify instances).
+        """
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._reload_loop, name="config-watch", daemon=True)
         self._thread.start()
+        if not file_watch:
+            return
         handler = _FileEvents(self.path, self._wake.set)
-        self._observer = Observer()
+        observer = Observer()
         # Watch the directory: editors and our own writer replace the file by rename.
-        self._observer.schedule(handler, str(self.path.parent), recursive=False)
-        self._observer.daemon = True
-        self._observer.start()
+        try:
+            observer.schedule(handler, str(self.path.parent), recursive=False)
+            observer.daemon = True
+            observer.start()
+        except OSError as e:
+            log.warning("cannot watch %s (%s): hand edits apply on SIGHUP or reload_config only", self.path, e)
+            return
+        self._observer = observer
 
     def stop_watching(self) -> None:
         self._stopping.set()

@@ -193,3 +193,13 @@ def test_a_deleted_config_file_is_refused_and_the_running_config_stays(live: Liv
     assert live.rec.of_type("config.rejected")[0].data["running_version"] == version  # type: ignore[attr-defined]
     with pytest.raises(ConfigRejected):
         live.apply_patch({"report": {"interval_s": 1}}, version)
+
+
+@pytest.mark.timeout(30)
+def test_request_reload_works_without_the_file_watch(live: LiveConfig, cfg_file: Path) -> None:
+    """The SIGHUP path: no inotify involved."""
+    live.start_watching(file_watch=False)
+    cfg_file.write_text(yaml.safe_dump({**BASE, "report": {"interval_s": 9}}))
+    live.request_reload()
+    wait_for(lambda: live.rec.changes)  # type: ignore[attr-defined]
+    assert live.config.report.interval_s == 9 and live.rec.changes[0].source == "file"  # type: ignore[attr-defined]
