@@ -186,6 +186,7 @@ class CommandProcessor:
         self._clock = clock
         self._replay = ReplayCache(window_s)
         self._queue: queue.Queue[tuple[str, bytes, Any] | None] = queue.Queue(QUEUE_SIZE)
+        self._refusers = threading.BoundedSemaphore(4)
         self._worker: threading.Thread | None = None
         self._handlers: dict[str, Callable[[dict[str, Any], str | None], dict[str, Any]]] = {
             "ping": self._ping,
@@ -228,14 +229,22 @@ class CommandProcessor:
         try:
             self._queue.put_nowait((topic, payload, properties))
         except queue.Full:
-            log.error("commands: queue full, refusing a request on %s", topic)
-            threading.Thread(target=self._refuse_busy, args=(topic, payload, properties), daemon=True).start()
+            # Answer 503 off the MQTT thread, with a few threads at most: a flood must not
+            # turn into a thread per message. Beyond that the request is only logged.
+            if self._refusers.acquire(blocking=False):
+                threading.Thread(target=self._refuse_busy, args=(topic, payload, properties), daemon=True).start()
+            else:
+                log.error("commands: queue full, dropping a request on %s unanswered", topic)
 
     def _refuse_busy(self, topic: str, payload: bytes, properties: Any) -> None:
-        name = topic[len(self._base):]
-        request_id = _peek_request_id(payload)
-        self._finish(name, topic, properties, request_id, CommandResult(
-            request_id=request_id, ok=False, code=503, error="agent busy: too many queued commands"), new_trace_id())
+        try:
+            name = topic[len(self._base):]
+            request_id = _peek_request_id(payload)
+            self._finish(name, topic, properties, request_id, CommandResult(
+                request_id=request_id, ok=False, code=503, error="agent busy: too many queued commands"),
+                new_trace_id())
+        finally:
+            self._refusers.release()
 
     def _work(self) -> None:
         while True:
