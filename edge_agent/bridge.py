@@ -61,7 +61,7 @@ log = logging.getLogger("edge_agent.bridge")
 
 # A too-large message cannot go to Kafka whole; its dead letter keeps this much.
 TOO_LARGE_KEEP_BYTES = 64 * 1024
-MAX_READ_BATCH = 500  # messages read from the socket before they are handled
+MAX_READ_BATCH = 64  # read this many, then hand them to Kafka: batches amortise locks, small ones keep Kafka busy
 _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 
 
