@@ -353,12 +353,14 @@ class Bridge:
             log.warning("stopping with %d messages unsettled: the broker will deliver them again",
                         self._inflight + self._api_pending)
         self._poll_stop.set()
-        self._poll_thread.join(timeout=5)
+        if self._poll_thread.is_alive():
+            self._poll_thread.join(timeout=5)
         self._publish_e2e_acks()  # whatever the poll thread had not published yet
         with self._lock:
             self._phase = _DONE
             self._room.notify_all()
-        self._mqtt_thread.join(timeout=max(2.0, deadline - time.monotonic()))
+        if self._mqtt_thread.is_alive():
+            self._mqtt_thread.join(timeout=max(2.0, deadline - time.monotonic()))
         self._close_producer(self._producer)
         log.info("bridge stopped", extra={"topic": self.subscription})
         return settled

@@ -147,3 +147,11 @@ def test_sasl_ssl_settings_take_the_password_from_the_environment(monkeypatch: p
 def test_producer_is_idempotent_with_acks_all_and_operator_extras_win() -> None:
     conf = producer_config(KafkaConfig.model_validate({"producer": {"linger.ms": 20}}))
     assert conf["enable.idempotence"] is True and conf["acks"] == "all" and conf["linger.ms"] == 20
+
+
+def test_a_bridge_that_never_started_stops_cleanly() -> None:
+    from edge_agent.bridge import Bridge
+
+    bridge = Bridge(BridgeConfig.model_validate({"mqtt": {"port": 1}, "kafka": {"bootstrap_servers": "127.0.0.1:1"}}))
+    assert bridge.stop(timeout=1) is True
+    assert bridge.health() == {"mqtt": {"connected": False}, "kafka": {"connected": False}, "inflight": 0}
