@@ -34,18 +34,14 @@ class Worker(Protocol):
     def status(self) -> dict: ...
     def latest_jpeg(self) -> bytes | None: ...
     def heartbeat(self) -> float: ...
+    def alive(self) -> bool: ...
 
 
 WorkerFactory = Callable[[CameraConfig], Worker]
 
 
 def worker_thread_alive(worker: Worker) -> bool:
-    """Whether the processing thread still runs (``alive()`` if the worker has one)."""
-    alive = getattr(worker, "alive", None)
-    if callable(alive):
-        return bool(alive())
-    thread = getattr(worker, "_thread", None)
-    return thread is None or thread.is_alive()
+    return worker.alive()
 
 
 @dataclass
