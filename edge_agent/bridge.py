@@ -280,7 +280,7 @@ class Bridge:
         self._conn = 0  # MQTT connection number: mids of older connections are not ours to ack
         self._mqtt_connected = False
         self._kafka_connected = False
-        self._last_report = time.monotonic()
+        self._last_delivery = time.monotonic()
         self._progress_at = time.monotonic()
         self._stall_recreations = 0
         self._producer_broken = False  # a fatal producer error: replace it at once
@@ -580,7 +580,6 @@ class Bridge:
             return
         reports, self._reports = self._reports, []
         now = time.monotonic()
-        self._last_report = now
         produced: dict[str, int] = {}
         with self._lock:
             for rec, err, msg in reports:
@@ -594,6 +593,8 @@ class Bridge:
             BRIDGE_PRODUCED.labels(topic).inc(count)
 
     def _confirmed(self, rec: Record, msg: Any, now: float, produced: dict[str, int]) -> None:
+        # Only a delivery is progress: timeouts keep coming from a producer that is stuck.
+        self._last_delivery = now
         self._kafka_connected = True
         self._stall_recreations = 0
         if rec.dead is None:
@@ -676,7 +677,7 @@ class Bridge:
                                  json.dumps({"seq": ranges}, separators=(",", ":")), qos=1)
 
     def _watch_for_stall(self) -> None:
-        """Replace the producer when it holds records but has reported nothing for stall_timeout_s.
+        """Replace the producer when it holds records but delivered nothing for stall_timeout_s.
 
         The test broker, restarted, leaves an idempotent producer retrying UNKNOWN_PRODUCER_ID
         for good while a fresh producer delivers at once. Each replacement doubles the wait
@@ -690,10 +691,10 @@ class Bridge:
             self._progress_at = now
             return
         limit = self._cfg.stall_timeout_s * min(8, 2 ** self._stall_recreations)
-        if now - max(self._progress_at, self._last_report) < limit:
+        if now - max(self._progress_at, self._last_delivery) < limit:
             return
-        log.warning("no delivery report for %.1f s with %d records queued: new Kafka producer",
-                    now - max(self._progress_at, self._last_report), len(self._producer))
+        log.warning("nothing delivered for %.1f s with %d records queued: new Kafka producer",
+                    now - max(self._progress_at, self._last_delivery), len(self._producer))
         self._stall_recreations += 1
         self._replace_producer()
 
