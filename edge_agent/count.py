@@ -5,7 +5,8 @@ step of its anchor between two consecutive observations intersects the segment; 
 from the left-hand side of P1 -> P2 to its right-hand side as seen on screen (y down).
 
 Detector jitter makes a box wobble across a line, most of all on lines that run along a
-walking path. A crossing is therefore only *pending* until the track has been seen on the new
+walking path. The anchor is therefore the mean of a track's last few raw anchors, and a crossing
+is only *pending* until the track has been seen on the new
 side ``min_frames`` times in a row and has got at least ``margin`` box heights away from the
 line there (hysteresis); stepping back across the segment first cancels it (the wobble counted
 neither way). A track that ends while a crossing is pending still counts it, so a person who
@@ -19,7 +20,7 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -97,18 +98,21 @@ class _TrackOnLine:
     pending_ts: float = 0.0
     seen_on_new_side: int = 0
     depth: float = 0.0  # furthest the anchor got past the line since the pending crossing, in box heights
+    recent: list = field(default_factory=list)  # the last raw anchors, averaged to damp detector jitter
 
 
 class LineCounter:
     """Debounced crossings of one line by many tracks."""
 
-    def __init__(self, line: LineConfig, width: int, height: int, *, min_frames: int = 3, margin: float = 0.0):
+    def __init__(self, line: LineConfig, width: int, height: int, *, min_frames: int = 3, margin: float = 0.0,
+                 smooth: int = 1):
         self.id = line.id
         self.anchor: AnchorKind = line.anchor
         self.classes = set(line.classes) if line.classes else None
         self.segment = Segment.from_normalised(line.points, width, height)
         self.min_frames = max(1, min_frames)
         self.margin = margin
+        self.smooth = max(1, smooth)
         self.tracks: dict[int, _TrackOnLine] = {}
 
     def wants(self, class_name: str) -> bool:
@@ -116,12 +120,15 @@ class LineCounter:
 
     def observe(self, track_id: int, xyxy: np.ndarray, class_name: str, frame: int, ts: float) -> Crossing | None:
         """One observation of a track; returns a crossing once it is confirmed."""
-        pt = anchor_point(xyxy, self.anchor)
+        raw = anchor_point(xyxy, self.anchor)
         box_h = max(float(xyxy[3] - xyxy[1]), 1.0)
         st = self.tracks.get(track_id)
         if st is None:
-            self.tracks[track_id] = _TrackOnLine(pt, class_name)
+            self.tracks[track_id] = _TrackOnLine(raw, class_name, recent=[raw])
             return None
+        st.recent = (st.recent + [raw])[-self.smooth:]
+        n = len(st.recent)
+        pt = (sum(p[0] for p in st.recent) / n, sum(p[1] for p in st.recent) / n)
         direction = self.segment.crossing(st.last, pt)
         st.last, st.class_name = pt, class_name
         if direction is not None:

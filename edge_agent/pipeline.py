@@ -39,6 +39,8 @@ CONFIRM_SECONDS = 0.2
 MIN_CONFIRM_FRAMES = 3
 # Hysteresis: ... and got this many box heights past the line (jitter of the box bottom stays below).
 CONFIRM_MARGIN = 0.02
+# The anchor is averaged over a track's last observations: damps jitter, delays a crossing slightly.
+SMOOTH_FRAMES = 3
 # A track unseen this long is gone (its id will not come back).
 LOST_SECONDS = 1.0
 # ID switch repair: a new track that starts this close (in box heights) to where a track vanished
@@ -75,7 +77,8 @@ class CountingStage:
         self.tracker = ByteTracker(high_thresh=confidence, low_thresh=min(LOW_SCORE_FLOOR, confidence),
                                    frame_rate=fps, lost_seconds=LOST_SECONDS)
         frames = confirm_frames(fps)
-        self.lines = [LineCounter(line, width, height, min_frames=frames, margin=CONFIRM_MARGIN) for line in lines]
+        self.lines = [LineCounter(line, width, height, min_frames=frames, margin=CONFIRM_MARGIN, smooth=SMOOTH_FRAMES)
+                      for line in lines]
         self.zones = [ZoneCounter(zone, width, height) for zone in zones]
         self._alive: set[int] = set()
         self._steps = 0
