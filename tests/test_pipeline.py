@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from brokers import wait_for
+from prometheus_client import REGISTRY
 
 from edge_agent.config import CameraConfig, LineConfig, ModelConfig, ZoneConfig
 from edge_agent.count import Segment
@@ -118,6 +119,11 @@ def test_count_cli_missing_video_is_exit_2(model_path, tmp_path):
     assert out.returncode == 2 and "no such video file" in out.stderr
 
 
+def metric(name: str, **labels: str) -> float:
+    """A sample of the process-wide Prometheus registry (0 when the series does not exist yet)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def camera(cam_id: str, source: str, **kw) -> CameraConfig:
     return CameraConfig(id=cam_id, source=source, fps=5, reconnect_min_s=0.1, reconnect_max_s=0.4,
                         lines=[LineConfig(id="v", points=((0.5, 0), (0.5, 1)))], **kw)
@@ -155,6 +161,8 @@ def test_a_dead_camera_reports_and_reconnects_while_the_other_keeps_counting(det
     assert last["frames"] >= 0 and "cumulative" in last["lines"]["v"]
     assert good.status()["state"] == "stopped"
     assert good.latest_jpeg()[:2] == b"\xff\xd8"  # a JPEG
+    assert metric("edge_frames_total", camera="good", result="processed") >= good.status()["frames"]
+    assert metric("edge_frames_total", camera="dead", result="error") >= len(errors)
 
 
 @pytest.mark.slow
@@ -162,7 +170,8 @@ def test_a_dead_camera_reports_and_reconnects_while_the_other_keeps_counting(det
 def test_worker_counts_emit_crossings_and_survive_a_restart(detector, footage, tmp_path):
     """Real clip through CameraWorker: crossings become events, totals persist across workers."""
     outbox = Outbox()
-    cam = camera("c", str(footage("TUD-Stadtmitte")), zones=[ZoneConfig(id="all", polygon=[(0, 0), (1, 0), (1, 1)])])
+    whole = ZoneConfig(id="all", polygon=[(0, 0), (1, 0), (1, 1)])
+    cam = camera("persist", str(footage("TUD-Stadtmitte")), zones=[whole])
     cam = cam.model_copy(update={"fps": 25.0})  # every frame of the 25 fps clip
     worker = CameraWorker(cam, detector.config, outbox, device_id="gw", report_interval_s=30, state_dir=tmp_path,
                           detector=detector)
@@ -180,6 +189,8 @@ def test_worker_counts_emit_crossings_and_survive_a_restart(detector, footage, t
     interval = outbox.of("counting.interval")[-1].data  # emitted by stop()
     total = interval["lines"]["v"]["cumulative"]["in"] + interval["lines"]["v"]["cumulative"]["out"]
     assert total == len(crossings)
+    assert sum(metric("edge_crossings_total", camera="persist", line="v", direction=d, **{"class": "person"})
+               for d in ("in", "out")) == total
     assert interval["zones"]["all"]["max"] >= 1 and interval["inference_ms"] > 0
 
     again = CameraWorker(cam, detector.config, Outbox(), device_id="gw", report_interval_s=30, state_dir=tmp_path,
