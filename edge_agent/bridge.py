@@ -119,15 +119,13 @@ def parse_uplink_topic(topic: str, prefix: str) -> tuple[str, str] | None:
     return parts[0], parts[2]
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
+class Accepted(NamedTuple):  # NamedTuples: built for every message, they cost least
     envelope: Envelope
     kafka_topic: str
     device: str
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
+class Rejected(NamedTuple):
     reason: str  # invalid_json | invalid_envelope | device_mismatch | unmapped_topic | too_large
     error: str
     device: str | None  # the topic's device, if the topic names one
@@ -136,7 +134,7 @@ class Rejected:
 
 def classify(topic: str, payload: bytes, cfg: BridgeConfig) -> Accepted | Rejected:
     """Decide what one MQTT message is: a record for Kafka or a dead letter (with its reason)."""
-    parsed = parse_uplink_topic(topic, cfg.mqtt.topic_prefix)
+    parsed = _parse_cached(topic, cfg.mqtt.topic_prefix)
     device = parsed[0] if parsed else None
     if len(payload) > cfg.max_message_bytes:
         return Rejected("too_large", f"{len(payload)} bytes > max_message_bytes {cfg.max_message_bytes}",
@@ -156,6 +154,19 @@ def classify(topic: str, payload: bytes, cfg: BridgeConfig) -> Accepted | Reject
         return Rejected("device_mismatch", f"payload device_id {env.device_id!r} != topic device {device!r}",
                         device, None)
     return Accepted(env, cfg.topics[parsed[1]], device)
+
+
+_TOPICS: dict[tuple[str, str], tuple[str, str] | None] = {}
+
+
+def _parse_cached(topic: str, prefix: str) -> tuple[str, str] | None:
+    """parse_uplink_topic, remembered: a fleet uses a few thousand topics over and over."""
+    key = (topic, prefix)
+    if key not in _TOPICS:
+        if len(_TOPICS) >= 100_000:  # bounded: topics are chosen by whoever can publish
+            _TOPICS.clear()
+        _TOPICS[key] = parse_uplink_topic(topic, prefix)
+    return _TOPICS[key]
 
 
 def _summarise(errors: list[Any]) -> str:
