@@ -368,6 +368,29 @@ def test_kafka_killed_and_restarted_the_bridge_holds_acks_and_recovers_by_itself
     assert dead_letters() == dlq_before  # an outage is not poison
 
 
+def test_no_puback_before_kafka_has_it_so_a_crash_while_kafka_is_down_loses_nothing(
+        mqtt_broker: Any, kafka_factory: Any, device_factory: Any, agent_process: Any, tmp_path: Path) -> None:
+    # The device does NOT re-send here: only the broker's session can bring these back,
+    # and it does only for messages the crashed bridge never PUBACKed.
+    tansu: TansuBroker = kafka_factory()
+    tansu.kill()
+    cfg = bridge_config(mqtt_broker, tansu)
+    path = write_config(cfg, tmp_path / "bridge.yaml")
+    bridge = agent_process(["bridge", "-c", str(path)])
+    bridge.wait_for_output("HTTP API listening", 60)
+    port = cfg.http.host_port[1]
+    dev = device_factory(cfg)
+    for seq in range(1, 301):
+        dev.send(seq)
+    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()["inflight"] == 300, 30,
+             message="the bridge holds all 300, waiting for Kafka")
+    bridge.kill()
+    tansu.start()
+    agent_process(["bridge", "-c", str(path)])
+    dev.wait_acked(set(range(1, 301)), timeout=90)
+    assert seqs_in_kafka(tansu, cfg.topics["camera.events"], set(range(1, 301))) == set(range(1, 301))
+
+
 def test_a_producer_stuck_after_a_quick_broker_restart_is_replaced(
         mqtt_broker: Any, kafka_factory: Any, device_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
     # Without the watchdog this producer retries UNKNOWN_PRODUCER_ID for good (checked by hand
