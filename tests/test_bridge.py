@@ -155,3 +155,28 @@ def test_a_bridge_that_never_started_stops_cleanly() -> None:
     bridge = Bridge(BridgeConfig.model_validate({"mqtt": {"port": 1}, "kafka": {"bootstrap_servers": "127.0.0.1:1"}}))
     assert bridge.stop(timeout=1) is True
     assert bridge.health() == {"mqtt": {"connected": False}, "kafka": {"connected": False}, "inflight": 0}
+
+
+def test_the_fallback_http_server_answers_healthz_and_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without edge_agent.api the bridge still serves liveness and metrics."""
+    import httpx
+
+    import edge_agent.bridge as bridge_mod
+    from brokers import free_port
+
+    port = free_port()
+    cfg = BridgeConfig.model_validate({"mqtt": {"port": 1}, "kafka": {"bootstrap_servers": "127.0.0.1:1"},
+                                       "http": {"listen": f"127.0.0.1:{port}"}})
+    monkeypatch.setattr(bridge_mod, "_api_factory", lambda: None)
+    bridge = bridge_mod.Bridge(cfg)
+    stop_http = bridge_mod.serve_http(bridge)
+    try:
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert health.status_code == 200
+        assert health.json() == {"status": "ok", "mqtt": {"connected": False}, "kafka": {"connected": False},
+                                 "inflight": 0}
+        assert "edge_bridge_received_total" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert httpx.get(f"http://127.0.0.1:{port}/nope", timeout=5).status_code == 404
+    finally:
+        stop_http()
+        bridge.stop(timeout=1)
