@@ -124,8 +124,9 @@ class CountingStage:
         crossings: list[Crossing] = []
         for t in tracks:
             name = self.names[t.class_id]
+            box = t.xyxy.tolist()  # plain floats: the per-line arithmetic is scalar
             for line in self.lines:
-                if line.wants(name) and (c := line.observe(t.track_id, t.xyxy, name, frame, ts)):
+                if line.wants(name) and (c := line.observe(t.track_id, box, name, frame, ts)):
                     crossings.append(c)
         alive = self.tracker.active_ids()
         for gone in self._alive - alive:
