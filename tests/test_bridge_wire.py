@@ -431,6 +431,25 @@ def test_mqtt_broker_restart_the_bridge_reconnects_to_its_session(mosquitto: Any
     assert seqs_in_kafka(kafka, cfg.topics["camera.events"], set(range(1, 301))) == set(range(1, 301))
 
 
+def test_the_bridge_starts_before_its_mqtt_broker_and_connects_when_it_comes(
+        mosquitto: Any, kafka: Any, device_factory: Any) -> None:
+    broker = mosquitto()
+    broker.stop()
+    cfg = bridge_config(broker, kafka, mqtt={"reconnect_max_s": 2})
+    bridge = Bridge(cfg)
+    bridge.start()
+    try:
+        assert bridge.health()["mqtt"]["connected"] is False
+        broker.start()
+        wait_for(lambda: bridge.health()["mqtt"]["connected"], 30, message="bridge connected once the broker came")
+        dev = device_factory(cfg)
+        for seq in range(1, 51):
+            dev.send(seq)
+        dev.wait_acked(set(range(1, 51)), timeout=60)
+    finally:
+        bridge.stop(timeout=15)
+
+
 # --- the API's entry point -------------------------------------------------------------------------
 
 def test_submit_resolves_when_kafka_confirms_or_with_the_dead_letter(mqtt_broker: Any, kafka: Any) -> None:
