@@ -28,7 +28,6 @@ import heapq
 import itertools
 import json
 import logging
-import random
 import signal
 import sys
 import threading
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import paho.mqtt.client as mqtt
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -49,9 +48,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
 
 from . import logs
-from .config import BridgeConfig, ConfigError, RetryConfig, env_secret, load_bridge, missing_secrets
+from .config import BridgeConfig, ConfigError, env_secret, load_bridge, missing_secrets
 from .envelope import Envelope, encode, utc_now_iso
-from .kafka_io import dlq_headers, is_records_fault, kafka_client_config, producer_config
+from .kafka_io import dlq_headers, kafka_client_config, plan_after_failure, producer_config
 from .metrics import (BRIDGE_DELIVERY_SECONDS, BRIDGE_DLQ, BRIDGE_DUPLICATES, BRIDGE_INFLIGHT, BRIDGE_PRODUCED,
                       BRIDGE_RECEIVED, BRIDGE_RETRIES, exposition)
 
@@ -62,7 +61,6 @@ log = logging.getLogger("edge_agent.bridge")
 # A too-large message cannot go to Kafka whole; its dead letter keeps this much.
 TOO_LARGE_KEEP_BYTES = 64 * 1024
 MAX_READ_BATCH = 64  # read this many, then hand them to Kafka: batches amortise locks, small ones keep Kafka busy
-_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 
 
 # --- pure helpers --------------------------------------------------------------------------------
@@ -76,36 +74,6 @@ def merge_ranges(seqs: Iterable[int]) -> list[list[int]]:
         else:
             out.append([s, s])
     return out
-
-
-def retry_delay(attempt: int, cfg: RetryConfig, rng: random.Random | None = None) -> float:
-    """Seconds before attempt ``attempt + 1``: exponential (or fixed), capped, with equal jitter."""
-    base = cfg.delay_s * (2 ** (attempt - 1) if cfg.backoff == "exponential" else 1)
-    base = min(base, cfg.max_delay_s)
-    # Half fixed, half random: spread the retries of many records without ever retrying at once.
-    return base / 2 + (rng or random).uniform(0, base / 2)
-
-
-class Plan(NamedTuple):
-    action: Literal["send_again", "dead_letter"]
-    delay: float = 0.0
-    reason: str = ""
-    counts: bool = False  # whether this failure uses up one of retry.max_attempts
-
-
-def plan_after_failure(err: KafkaError, attempts: int, is_dead_letter: bool, cfg: RetryConfig) -> Plan:
-    """What to do with a record whose delivery failed with ``err`` after ``attempts`` counted failures.
-
-    Outages (timeouts, purges, a stuck producer) never count: the record waits for Kafka.
-    A record refused by the broker for good is dead-lettered at once; retriable refusals
-    back off until max_attempts. A dead letter itself is never given up on.
-    """
-    if not is_records_fault(err):
-        return Plan("send_again", 0.0 if err.code() in _PURGED else 0.5)
-    attempts += 1
-    if is_dead_letter or (err.retriable() and attempts < cfg.max_attempts):
-        return Plan("send_again", retry_delay(attempts, cfg), counts=True)
-    return Plan("dead_letter", reason="retries_exhausted" if err.retriable() else "rejected", counts=True)
 
 
 def parse_uplink_topic(topic: str, prefix: str) -> tuple[str, str] | None:

@@ -1,4 +1,5 @@
-"""librdkafka settings for the bridge and for anyone else who talks to the central Kafka.
+"""librdkafka settings for the bridge and for anyone else who talks to the central Kafka,
+and the bridge's policy for records Kafka did not take (retry, back off, dead-letter).
 
 ``kafka_client_config`` is public: the HTTP API builds its AdminClient and Consumer
 from it, so that security settings live in exactly one place.
@@ -7,11 +8,12 @@ from it, so that security settings live in exactly one place.
 from __future__ import annotations
 
 import os
-from typing import Any
+import random
+from typing import Any, Literal, NamedTuple
 
 from confluent_kafka import KafkaError
 
-from .config import ConfigError, KafkaConfig
+from .config import ConfigError, KafkaConfig, RetryConfig
 
 # Delivery errors that say nothing about the record itself: the broker was
 # unreachable, stuck, or we purged the record to hand it to a fresh producer.
@@ -30,6 +32,8 @@ NOT_THE_RECORDS_FAULT: frozenset[int] = frozenset({
     KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
     KafkaError._FATAL,  # an idempotence failure of the producer: the watchdog replaces it
 })
+
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 
 # What the bridge wants from its producer unless kafka.producer overrides it.
 PRODUCER_DEFAULTS: dict[str, Any] = {
@@ -101,3 +105,35 @@ def dlq_headers(reason: str, error: str, source_topic: str, attempts: int, first
         ("dlq-attempts", str(attempts).encode()),
         ("dlq-first-failed-at", first_failed_at.encode()),
     ]
+
+
+# --- the bridge's retry policy ------------------------------------------------------------------
+
+def retry_delay(attempt: int, cfg: RetryConfig, rng: random.Random | None = None) -> float:
+    """Seconds before attempt ``attempt + 1``: exponential (or fixed), capped, with equal jitter."""
+    base = cfg.delay_s * (2 ** (attempt - 1) if cfg.backoff == "exponential" else 1)
+    base = min(base, cfg.max_delay_s)
+    # Half fixed, half random: spread the retries of many records without ever retrying at once.
+    return base / 2 + (rng or random).uniform(0, base / 2)
+
+
+class Plan(NamedTuple):
+    action: Literal["send_again", "dead_letter"]
+    delay: float = 0.0
+    reason: str = ""
+    counts: bool = False  # whether this failure uses up one of retry.max_attempts
+
+
+def plan_after_failure(err: KafkaError, attempts: int, is_dead_letter: bool, cfg: RetryConfig) -> Plan:
+    """What to do with a record whose delivery failed with ``err`` after ``attempts`` counted failures.
+
+    Outages (timeouts, purges, a stuck producer) never count: the record waits for Kafka.
+    A record refused by the broker for good is dead-lettered at once; retriable refusals
+    back off until max_attempts. A dead letter itself is never given up on.
+    """
+    if not is_records_fault(err):
+        return Plan("send_again", 0.0 if err.code() in _PURGED else 0.5)
+    attempts += 1
+    if is_dead_letter or (err.retriable() and attempts < cfg.max_attempts):
+        return Plan("send_again", retry_delay(attempts, cfg), counts=True)
+    return Plan("dead_letter", reason="retries_exhausted" if err.retriable() else "rejected", counts=True)

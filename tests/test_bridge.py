@@ -13,11 +13,10 @@ from confluent_kafka import KafkaError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.bridge import (AckBatcher, Accepted, RecentIds, Rejected, classify, merge_ranges, parse_uplink_topic,
-                               plan_after_failure, retry_delay)
+from edge_agent.bridge import AckBatcher, Accepted, RecentIds, Rejected, classify, merge_ranges, parse_uplink_topic
 from edge_agent.config import BridgeConfig, ConfigError, KafkaConfig, RetryConfig
 from edge_agent.envelope import build, encode
-from edge_agent.kafka_io import kafka_client_config, producer_config
+from edge_agent.kafka_io import kafka_client_config, plan_after_failure, producer_config, retry_delay
 
 CFG = BridgeConfig.model_validate({"max_message_bytes": 2000})
 GOOD_TOPIC = "edge/gw-1/up/camera.events"
