@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import paho.mqtt.client as mqtt
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -53,8 +53,9 @@ from .envelope import Envelope, encode, utc_now_iso
 from .kafka_io import dlq_headers, kafka_client_config, plan_after_failure, producer_config
 from .metrics import (BRIDGE_DELIVERY_SECONDS, BRIDGE_DLQ, BRIDGE_DUPLICATES, BRIDGE_INFLIGHT, BRIDGE_PRODUCED,
                       BRIDGE_RECEIVED, BRIDGE_RETRIES, exposition)
+from .outbox import seq_ranges  # the same compact ranges the agent's overflow events use
 
-__all__ = ["Bridge", "DeadLettered", "kafka_client_config", "run_bridge", "classify", "merge_ranges"]
+__all__ = ["Bridge", "DeadLettered", "kafka_client_config", "run_bridge", "classify"]
 
 log = logging.getLogger("edge_agent.bridge")
 
@@ -64,17 +65,6 @@ MAX_READ_BATCH = 64  # read this many, then hand them to Kafka: batches amortise
 
 
 # --- pure helpers --------------------------------------------------------------------------------
-
-def merge_ranges(seqs: Iterable[int]) -> list[list[int]]:
-    """[5, 1, 2, 3, 7, 6] -> [[1, 3], [5, 7]]: the e2e ack's compact form."""
-    out: list[list[int]] = []
-    for s in sorted(set(seqs)):
-        if out and s == out[-1][1] + 1:
-            out[-1][1] = s
-        else:
-            out.append([s, s])
-    return out
-
 
 def parse_uplink_topic(topic: str, prefix: str) -> tuple[str, str] | None:
     """``<prefix>/<device>/up/<stream>`` -> (device, stream); anything else -> None."""
@@ -200,7 +190,7 @@ class AckBatcher:
         return max(0.0, self._oldest + self._interval_s - now)
 
     def take(self) -> dict[str, list[list[int]]]:
-        out = {device: merge_ranges(seqs) for device, seqs in self._seqs.items()}
+        out = {device: seq_ranges(seqs) for device, seqs in self._seqs.items()}
         self._seqs.clear()
         self._count = 0
         return out
@@ -276,6 +266,7 @@ class Bridge:
         # read but not yet handled, the poll thread's delivery reports.
         self._incoming: list[tuple[str, bytes, int]] = []
         self._reports: list[tuple[Record, KafkaError | None, Any]] = []
+        self._e2e_sent: list[mqtt.MQTTMessageInfo] = []  # e2e acks the broker has not confirmed yet
 
     # --- public --------------------------------------------------------------------------------
 
@@ -450,11 +441,19 @@ class Bridge:
         return self._mqtt_connected
 
     def _disconnect(self) -> None:
-        """Send what is queued (acks), then DISCONNECT; the session stays for the next start."""
-        deadline = time.monotonic() + 2
-        while self._client.want_write() and self._mqtt_connected and time.monotonic() < deadline:
+        """Send what is queued, wait (bounded) for the broker to take the e2e acks, then DISCONNECT.
+
+        Reading again here matters: the broker's receive maximum (20 for Mosquitto) caps our
+        unconfirmed e2e acks, and paho holds the rest back until PUBACKs come in. Messages that
+        arrive meanwhile are left unacked (phase DONE) and come back to the next session.
+        """
+        deadline = time.monotonic() + 3
+        while self._mqtt_connected and time.monotonic() < deadline and (
+                self._client.want_write() or any(not info.is_published() for info in self._e2e_sent)):
             if self._client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
                 break
+        if any(not info.is_published() for info in self._e2e_sent):
+            log.warning("stopping before the broker took every e2e ack: those devices will send again")
         self._client.disconnect()
         self._client.loop_write()
 
@@ -651,9 +650,11 @@ class Bridge:
     def _publish_e2e_acks(self) -> None:
         with self._lock:
             batch = self._acks.take()
+        # Kept until the broker confirms them, so that stop() can wait for the last ones.
+        self._e2e_sent = [info for info in self._e2e_sent if not info.is_published()]
         for device, ranges in batch.items():
-            self._client.publish(f"{self._cfg.mqtt.topic_prefix}/{device}/ack",
-                                 json.dumps({"seq": ranges}, separators=(",", ":")), qos=1)
+            self._e2e_sent.append(self._client.publish(f"{self._cfg.mqtt.topic_prefix}/{device}/ack",
+                                                       json.dumps({"seq": ranges}, separators=(",", ":")), qos=1))
 
     def _watch_for_stall(self) -> None:
         """Replace the producer when it holds records but delivered nothing for stall_timeout_s.

@@ -13,10 +13,11 @@ from confluent_kafka import KafkaError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.bridge import AckBatcher, Accepted, RecentIds, Rejected, classify, merge_ranges, parse_uplink_topic
+from edge_agent.bridge import AckBatcher, Accepted, RecentIds, Rejected, classify, parse_uplink_topic
 from edge_agent.config import BridgeConfig, ConfigError, KafkaConfig, RetryConfig
 from edge_agent.envelope import build, encode
 from edge_agent.kafka_io import kafka_client_config, plan_after_failure, producer_config, retry_delay
+from edge_agent.outbox import seq_ranges
 
 CFG = BridgeConfig.model_validate({"max_message_bytes": 2000})
 GOOD_TOPIC = "edge/gw-1/up/camera.events"
@@ -63,7 +64,7 @@ def test_topic_prefix_with_slashes_is_parsed() -> None:
 
 @given(st.sets(st.integers(min_value=1, max_value=500)))
 def test_merged_ranges_cover_exactly_the_seqs(seqs: set[int]) -> None:
-    ranges = merge_ranges(list(seqs) + list(seqs))  # duplicates too
+    ranges = seq_ranges(list(seqs) + list(seqs))  # duplicates too
     covered = [s for lo, hi in ranges for s in range(lo, hi + 1)]
     assert covered == sorted(seqs)
     assert all(b[0] > a[1] + 1 for a, b in zip(ranges, ranges[1:]))  # maximal: no two ranges touch

@@ -198,6 +198,14 @@ def write_config(cfg: BridgeConfig, path: Path) -> Path:
     return path
 
 
+def bridge_process(agent_process: Any, path: Path) -> Any:
+    """``edge-agent bridge -c PATH`` as a child, once it reads MQTT and answers HTTP."""
+    proc = agent_process(["bridge", "-c", str(path)])
+    proc.wait_for_output("MQTT connected", 60)
+    proc.wait_for_output("HTTP API listening", 60)
+    return proc
+
+
 # --- the happy path ----------------------------------------------------------------------------
 
 def test_thousands_of_envelopes_reach_kafka_with_key_and_headers_and_every_seq_is_acked(
@@ -318,8 +326,7 @@ def test_kill_9_mid_stream_loses_nothing_with_a_resending_device(
         mqtt_broker: Any, kafka: Any, device_factory: Any, agent_process: Any, tmp_path: Path) -> None:
     cfg = bridge_config(mqtt_broker, kafka)
     path = write_config(cfg, tmp_path / "bridge.yaml")
-    bridge = agent_process(["bridge", "-c", str(path)])
-    bridge.wait_for_output("MQTT connected", 30)
+    bridge = bridge_process(agent_process, path)
     dev = device_factory(cfg)
     n = 3000
     for seq in range(1, n + 1):
@@ -376,8 +383,7 @@ def test_no_puback_before_kafka_has_it_so_a_crash_while_kafka_is_down_loses_noth
     tansu.kill()
     cfg = bridge_config(mqtt_broker, tansu)
     path = write_config(cfg, tmp_path / "bridge.yaml")
-    bridge = agent_process(["bridge", "-c", str(path)])
-    bridge.wait_for_output("HTTP API listening", 60)
+    bridge = bridge_process(agent_process, path)
     port = cfg.http.host_port[1]
     dev = device_factory(cfg)
     for seq in range(1, 301):
@@ -481,11 +487,8 @@ def test_two_bridges_share_one_stream(mqtt_broker: Any, kafka: Any, device_facto
         port = free_port()
         one = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"client_id": f"{cfg.mqtt.client_id}-{i}"}),
                                      "http": cfg.http.model_copy(update={"listen": f"127.0.0.1:{port}"})})
-        procs.append(agent_process(["bridge", "-c", str(write_config(one, tmp_path / f"b{i}.yaml"))]))
+        procs.append(bridge_process(agent_process, write_config(one, tmp_path / f"b{i}.yaml")))
         ports.append(port)
-    for proc in procs:
-        proc.wait_for_output("MQTT connected", 30)
-        proc.wait_for_output("HTTP API listening", 30)
     dev = device_factory(cfg)
     n = 2000
     for seq in range(1, n + 1):
@@ -509,8 +512,7 @@ def test_sigterm_stops_reading_flushes_acks_and_exits_0(mqtt_broker: Any, kafka:
                                                          agent_process: Any, tmp_path: Path) -> None:
     cfg = bridge_config(mqtt_broker, kafka)
     path = write_config(cfg, tmp_path / "bridge.yaml")
-    bridge = agent_process(["bridge", "-c", str(path)])
-    bridge.wait_for_output("MQTT connected", 30)
+    bridge = bridge_process(agent_process, path)
     dev = device_factory(cfg)
     n = 2000
     for seq in range(1, n + 1):
@@ -519,12 +521,19 @@ def test_sigterm_stops_reading_flushes_acks_and_exits_0(mqtt_broker: Any, kafka:
             wait_for(lambda: len(dev.acked_now()) >= 200, 30, message="acks before SIGTERM")
             assert bridge.stop(signal.SIGTERM, timeout=30) == 0
     assert "bridge stopped" in bridge.output()
+    # What the stopped bridge put in Kafka was all acked end to end before it left (flushed,
+    # not dropped with the process) ...
+    in_kafka = set(seqs_of(read_topic(kafka, cfg.topics["camera.events"], idle_s=0.5)))
+    wait_for(lambda: in_kafka <= dev.acked_now(), 10,
+             message=lambda: f"e2e acks for {len(in_kafka - dev.acked_now())} seqs the bridge put in Kafka")
     acked_by_first = dev.acked_now()
-    # Every seq acked so far is in Kafka (the e2e guarantee) ...
+    # ... and every seq acked is in Kafka (the e2e guarantee) ...
     assert acked_by_first <= seqs_in_kafka(kafka, cfg.topics["camera.events"], acked_by_first)
-    # ... and the rest waits in the persistent session for the next bridge.
+    # ... and the rest comes through the next bridge: from the persistent session, and
+    # from the device's re-sends for what the broker dropped past its queue limit
+    # (max_queued_messages, 1000 by default) while no bridge was there.
     agent_process(["bridge", "-c", str(path)])
-    dev.wait_acked(set(range(1, n + 1)), timeout=90)
+    dev.wait_acked(set(range(1, n + 1)), timeout=90, resend_after_s=3.0)
 
 
 def test_kafka_over_tls_through_stunnel(mqtt_broker: Any, tls_kafka: Any, device_factory: Any) -> None:
