@@ -14,7 +14,7 @@ import logging
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,10 +30,13 @@ from .config import CameraConfig, LineConfig, ModelConfig, ZoneConfig
 from .count import CounterStore, Crossing, LineCounter, LineTotals, ZoneCounter
 from .detect import LOW_SCORE_FLOOR, Detections, Detector, ModelFormatError, UnknownClassError
 from .envelope import Draft
-from .track import ByteTracker, TrackedObject
+from .track import ByteTracker, TrackedObject, iou_matrix
 
 log = logging.getLogger(__name__)
 
+# A new track needs a box this much above model.confidence (ByteTrack uses 0.1): fewer
+# short-lived tracks from jitter, which make false crossings on lines along walking paths.
+NEW_TRACK_MARGIN = 0.25
 # Debounce: a crossing counts once the track was seen this long on the new side.
 CONFIRM_SECONDS = 0.2
 MIN_CONFIRM_FRAMES = 3
@@ -43,10 +46,16 @@ CONFIRM_MARGIN = 0.02
 SMOOTH_FRAMES = 3
 # A track unseen this long is gone (its id will not come back).
 LOST_SECONDS = 1.0
-# ID switch repair: a new track that starts this close (in box heights) to where a track vanished
-# within HANDOVER_SECONDS continues that track's line state, so a switch at the line loses nothing.
-HANDOVER_DISTANCE = 0.5
-HANDOVER_SECONDS = 1.0
+# ID switch repair: a new track that starts this close (in box heights) to where a track that
+# vanished within HANDOVER_SECONDS would be by now, at its last speed, continues that track's line
+# state: a person hidden by others at the line for a second comes back across it and counts once.
+HANDOVER_DISTANCE = 0.75
+HANDOVER_SECONDS = 1.5
+# Anchors kept per track to estimate its speed for the hand-over (a few, so a turn does not mislead).
+TRAIL_STEPS = 5
+# A new track overlapping a visible one more than this is a second box on that person, not the
+# hidden one come back (it would take over a walker's state and lose the walker's crossing).
+HANDOVER_MAX_IOU = 0.2
 # An occupancy excursion ends after this many frames at or under the limit (no flapping alerts).
 OCCUPANCY_CLEAR_FRAMES = 3
 
@@ -67,6 +76,29 @@ class StepResult:
     tracking_ms: float = 0.0
 
 
+class _Trail:
+    """A track's recent bottom-centre anchors; it moves to the new id on an ID switch."""
+
+    def __init__(self) -> None:
+        self.points: deque[tuple[int, float, float]] = deque(maxlen=TRAIL_STEPS)  # (step, x, y)
+        self.step = 0
+        self.class_id = -1
+
+    def add(self, step: int, xyxy: np.ndarray, class_id: int) -> None:
+        x1, _, x2, y2 = xyxy.tolist()
+        self.points.append((step, (x1 + x2) / 2, y2))
+        self.step, self.class_id = step, class_id
+
+    def predicted_anchor(self, step: int) -> tuple[float, float]:
+        """The last anchor moved on at the mean speed over the trail (constant velocity)."""
+        s1, x1, y1 = self.points[-1]
+        s0, x0, y0 = self.points[0]
+        if s1 == s0:
+            return x1, y1
+        k = (step - s1) / (s1 - s0)
+        return x1 + (x1 - x0) * k, y1 + (y1 - y0) * k
+
+
 class CountingStage:
     """Tracker + line and zone counters for one camera's picture size."""
 
@@ -75,6 +107,7 @@ class CountingStage:
         self.size = (width, height)
         self.names = class_names
         self.tracker = ByteTracker(high_thresh=confidence, low_thresh=min(LOW_SCORE_FLOOR, confidence),
+                                   new_track_thresh=min(confidence + NEW_TRACK_MARGIN, 0.95),
                                    frame_rate=fps, lost_seconds=LOST_SECONDS)
         frames = confirm_frames(fps)
         self.lines = [LineCounter(line, width, height, min_frames=frames, margin=CONFIRM_MARGIN, smooth=SMOOTH_FRAMES)
@@ -82,38 +115,56 @@ class CountingStage:
         self.zones = [ZoneCounter(zone, width, height) for zone in zones]
         self._alive: set[int] = set()
         self._steps = 0
-        self._last_seen: dict[int, tuple[int, np.ndarray, int]] = {}  # id -> (step, box, class)
+        self._trails: dict[int, _Trail] = {}  # id -> where its anchor has been lately
         self._max_id = 0
         self._handover_steps = max(1, int(round(fps * HANDOVER_SECONDS)))
 
     def _hand_over_switched_ids(self, tracks: list[TrackedObject]) -> None:
-        """A brand-new id next to where another id just vanished is the same object (an ID switch)."""
+        """A brand-new id near where another id vanished lately is the same object (an ID switch).
+
+        "Near" is measured from where the vanished track would be now had it kept walking at
+        its last speed: a person hidden for a few frames by people standing at a line comes
+        back further on, possibly across the line, and must still count once.
+        """
         new = [t for t in tracks if t.track_id > self._max_id]
         if not new:
             return
         seen_now = {t.track_id for t in tracks}
-        orphans = {tid: v for tid, v in self._last_seen.items()
-                   if tid not in seen_now and self._steps - v[0] <= self._handover_steps}
+        orphans = {tid: trail for tid, trail in self._trails.items()
+                   if tid not in seen_now and self._steps - trail.step <= self._handover_steps}
         for t in new:
-            bottom = np.array([(t.xyxy[0] + t.xyxy[2]) / 2, t.xyxy[3]])
-            limit = HANDOVER_DISTANCE * float(t.xyxy[3] - t.xyxy[1])
-            best, best_d = None, limit
-            for tid, (_, box, cls) in orphans.items():
-                d = float(np.hypot(*(bottom - [(box[0] + box[2]) / 2, box[3]])))
-                if cls == t.class_id and d <= best_d:
+            if self._overlaps_another(t, tracks):
+                continue  # a second box on someone still visible, not a hidden person come back
+            bottom = ((float(t.xyxy[0]) + float(t.xyxy[2])) / 2, float(t.xyxy[3]))
+            best, best_d = None, HANDOVER_DISTANCE * float(t.xyxy[3] - t.xyxy[1])
+            for tid, trail in orphans.items():
+                if trail.class_id != t.class_id:
+                    continue
+                px, py = trail.predicted_anchor(self._steps)
+                d = float(np.hypot(bottom[0] - px, bottom[1] - py))
+                if d <= best_d:
                     best, best_d = tid, d
             if best is not None:
-                del orphans[best], self._last_seen[best]
+                self._trails[t.track_id] = self._trails.pop(best)
+                del orphans[best]
                 for line in self.lines:
                     line.hand_over(best, t.track_id)
 
+    @staticmethod
+    def _overlaps_another(t: TrackedObject, tracks: list[TrackedObject]) -> bool:
+        others = [o.xyxy for o in tracks if o.track_id != t.track_id]
+        return bool(others) and float(iou_matrix(t.xyxy[None], np.array(others)).max()) > HANDOVER_MAX_IOU
+
     def _remember(self, tracks: list[TrackedObject]) -> None:
         for t in tracks:
-            self._last_seen[t.track_id] = (self._steps, t.xyxy, t.class_id)
+            trail = self._trails.get(t.track_id)
+            if trail is None:
+                trail = self._trails[t.track_id] = _Trail()
+            trail.add(self._steps, t.xyxy, t.class_id)
             self._max_id = max(self._max_id, t.track_id)
         cutoff = self._steps - self._handover_steps
-        if len(self._last_seen) > 64 or self._steps % 32 == 0:
-            self._last_seen = {k: v for k, v in self._last_seen.items() if v[0] >= cutoff}
+        if len(self._trails) > 64 or self._steps % 32 == 0:
+            self._trails = {k: v for k, v in self._trails.items() if v.step >= cutoff}
 
     def step(self, dets: Detections, frame: int, ts: float) -> StepResult:
         t0 = time.thread_time()  # CPU time, like the detector's pre/postprocessing

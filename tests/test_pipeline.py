@@ -276,3 +276,43 @@ def test_worker_events_land_in_the_real_outbox(detector, footage, tmp_path):
     envelopes = [json.loads(e.payload) for e in entries]
     assert {env["camera_id"] for env in envelopes} == {"door"}
     assert sorted(env["seq"] for env in envelopes) == list(range(1, len(envelopes) + 1))
+
+
+def _walker(tid: int, x: float) -> TrackedObject:
+    """A person 100 px tall whose bottom-centre is at (x, 400)."""
+    return TrackedObject(tid, np.array([x - 15, 300, x + 15, 400], float), 0.9, 0)
+
+
+def _replay(script: list[list[TrackedObject]]) -> list:
+    stage = CountingStage([LineConfig(id="v", points=((0.5, 0), (0.5, 1)))], [], 1000, 1000, ["person"],
+                          fps=10, confidence=0.3)
+    stage.tracker = ScriptedTracker(script)
+    none = Detections.empty()
+    return [c for i in range(len(script)) for c in stage.step(none, i, i / 10).crossings] + stage.finish()
+
+
+def test_a_walker_hidden_while_crossing_counts_once_where_its_motion_says_it_comes_back():
+    """Walking left 20 px a frame, hidden for 4 frames (by people standing at the line), the walker
+    comes back as a new id 1.6 box heights from where it vanished: too far for a standing-still
+    guess, right where its speed puts it. Its crossing, made unseen, counts once."""
+    script = ([[_walker(1, x)] for x in (620, 600, 580, 560)] + [[]] * 4
+              + [[_walker(2, x)] for x in (460, 440, 420, 400)])
+    assert [(c.direction, c.track_id) for c in _replay(script)] == [("in", 2)]
+
+
+def test_a_walker_not_seen_coming_back_is_not_guessed_into_a_crossing():
+    """The same walk, but the new id shows up behind (not where the motion leads): no hand-over."""
+    script = ([[_walker(1, x)] for x in (620, 600, 580, 560)] + [[]] * 4
+              + [[_walker(2, x)] for x in (380, 360, 340, 320)])
+    assert _replay(script) == []
+
+
+def test_a_second_box_on_a_standing_person_does_not_take_over_a_hidden_walker():
+    """Track 3 stands right of the line. As walker 1 disappears behind it, a second box (id 4) shows
+    up on the standing person, right where the walker was heading; the walker later reappears past
+    the line as id 5. The walker's crossing belongs to 5; 4 must not have swallowed it."""
+    standing = lambda tid, x=545.0: _walker(tid, x)  # noqa: E731
+    walk = [[_walker(1, x), standing(3)] for x in (620, 600, 580, 560)]
+    hidden = [[standing(3), standing(4, 540.0)]] + [[standing(3), standing(4, 540.0)]] * 3
+    back = [[_walker(5, x), standing(3), standing(4, 540.0)] for x in (460, 440, 420, 400)]
+    assert [(c.direction, c.track_id) for c in _replay(walk + hidden + back)] == [("in", 5)]
