@@ -43,13 +43,18 @@ def draft_from_publish(req: PublishRequest, correlation_id: str | None = None) -
                  correlation_id=correlation_id, trace_id=trace)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # The stdlib default listen backlog of 5 resets connections when a burst of local producers arrives.
+    request_queue_size = 128
+
+
 class AgentHttp:
     def __init__(self, host: str, port: int, outbox: Outbox, status: Callable[[], dict]):
         self.outbox = outbox
         self.status = status
         handler = type("Handler", (_Handler,), {"app": self})
-        self.server = ThreadingHTTPServer((host, port), handler)
-        self.server.daemon_threads = True
+        self.server = _Server((host, port), handler)
         self._thread = threading.Thread(target=self.server.serve_forever, name="agent-http", daemon=True)
 
     @property
