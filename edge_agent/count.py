@@ -101,6 +101,19 @@ class _TrackOnLine:
     depth: float = 0.0  # furthest the anchor got past the line since the pending crossing, in box heights
     recent: list = field(default_factory=list)  # the last raw anchors, averaged to damp detector jitter
 
+    def smoothed(self, raw: tuple[float, float], keep: int) -> tuple[float, float]:
+        """Add ``raw`` and return the mean of the last ``keep`` anchors (plain loops: this runs per
+        track, line and frame, where generator sums cost more than the arithmetic)."""
+        recent = self.recent
+        recent.append(raw)
+        if len(recent) > keep:
+            del recent[0]
+        sx = sy = 0.0
+        for x, y in recent:
+            sx += x
+            sy += y
+        return sx / len(recent), sy / len(recent)
+
 
 class LineCounter:
     """Debounced crossings of one line by many tracks."""
@@ -127,9 +140,7 @@ class LineCounter:
         if st is None:
             self.tracks[track_id] = _TrackOnLine(raw, class_name, recent=[raw])
             return None
-        st.recent = (st.recent + [raw])[-self.smooth:]
-        n = len(st.recent)
-        pt = (sum(p[0] for p in st.recent) / n, sum(p[1] for p in st.recent) / n)
+        pt = st.smoothed(raw, self.smooth)
         direction = self.segment.crossing(st.last, pt)
         st.last, st.class_name = pt, class_name
         if direction is not None:
