@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import diskcache
 
@@ -76,6 +76,18 @@ def _pack(stream: str, payload: bytes) -> bytes:
 def _unpack(value: bytes) -> tuple[str, bytes]:
     stream, _, payload = value.partition(b"\n")
     return stream.decode(), payload
+
+
+def stored_entries(cache: diskcache.Cache) -> Iterator[tuple[int, str, bytes, int]]:
+    """Every entry on disk in seq order: (seq, stream, envelope JSON, stored size)."""
+    for key in cache.iterkeys():
+        if not isinstance(key, int):  # the seq counter lives beside the entries
+            continue
+        value = cache.get(key)
+        if value is None:
+            continue
+        stream, payload = _unpack(value)
+        yield key, stream, payload, len(value)
 
 
 def envelope_time(payload: bytes) -> float:
@@ -182,21 +194,15 @@ class Outbox:
 
     def _rebuild_index(self) -> None:
         self._seq = int(self._cache.get(_SEQ_KEY, 0) or 0)
-        for key in self._cache.iterkeys():
-            if not isinstance(key, int):
-                continue
-            value = self._cache.get(key)
-            if value is None:
-                continue
-            stream, payload = _unpack(value)
+        for key, stream, _payload, size in stored_entries(self._cache):
             if stream not in self._unsent:
                 log.warning("outbox entry %s has unknown stream %r; kept, not sent", key, stream)
                 continue
             self._unsent[stream].append(key)
             self._stream_of_pending[key] = stream
-            self._sizes[key] = len(value)
+            self._sizes[key] = size
             self._count[stream] += 1
-            self._bytes += len(value)
+            self._bytes += size
             self._seq = max(self._seq, key)
         self._seq = max(self._seq, self._read_sidecar() if self.reset_report else 0, self._seq)
 
@@ -507,16 +513,10 @@ class OutboxView:
         by_stream = {s: {"depth": 0, "bytes": 0} for s in STREAMS}
         oldest_seq: int | None = None
         oldest_time = 0.0
-        for key in self._cache.iterkeys():
-            if not isinstance(key, int):
-                continue
-            value = self._cache.get(key)
-            if value is None:
-                continue
-            stream, payload = _unpack(value)
+        for key, stream, payload, size in stored_entries(self._cache):
             slot = by_stream.setdefault(stream, {"depth": 0, "bytes": 0})
             slot["depth"] += 1
-            slot["bytes"] += len(value)
+            slot["bytes"] += size
             if oldest_seq is None or key < oldest_seq:
                 oldest_seq, oldest_time = key, envelope_time(payload)
         age = round(max(0.0, time.time() - oldest_time), 3) if oldest_seq is not None else 0.0
