@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import queue
 import sys
 import threading
 import time
@@ -18,7 +19,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
@@ -254,6 +255,47 @@ class CountReport:
                 "timing": timing}
 
 
+_END = object()
+
+
+def map_ahead(items: Iterator[tuple[int, Any]], fn: Callable[[Any], Any], *, depth: int = 2,
+              name: str = "map-ahead") -> Iterator[tuple[int, Any]]:
+    """``(index, fn(item))`` for ``(index, item)`` in order, computed in a helper thread at most
+    ``depth`` items ahead: onnxruntime releases the GIL, so the next frame's inference runs while
+    this thread tracks and counts the current one. An error in ``fn`` is raised here."""
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for index, item in items:
+                if stop.is_set():
+                    break
+                out.put((index, fn(item)))
+        except BaseException as e:  # handed to the consumer, which raises it
+            out.put(e)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # a generator is closed by the thread that iterates it
+            out.put(_END)
+
+    worker = threading.Thread(target=work, name=name, daemon=True)
+    worker.start()
+    try:
+        while (got := out.get()) is not _END:
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a worker waiting on a full queue
+            try:
+                out.get_nowait()
+            except queue.Empty:
+                worker.join(0.05)
+
+
 def count_video(video: str | Path, detector: Detector, lines: list[LineConfig], zones: list[ZoneConfig], *,
                 fps: float | None = None, max_frames: int | None = None,
                 on_step: Callable[[int, StepResult], None] | None = None) -> CountReport:
@@ -263,10 +305,10 @@ def count_video(video: str | Path, detector: Detector, lines: list[LineConfig], 
                           fps=min(fps or src_fps, src_fps), confidence=detector.confidence)
     report = CountReport()
     started = time.perf_counter()
-    for index, prepared in iter_file_frames(video, fps, transform=detector.prepare):
+    frames = iter_file_frames(video, fps, transform=detector.prepare)
+    for index, dets in map_ahead(frames, detector.run_prepared, name=f"detect-{Path(video).name}"):
         if max_frames is not None and report.frames >= max_frames:
             break
-        dets = detector.run_prepared(prepared)
         step = stage.step(dets, index, index / src_fps)
         _add_step(report, dets, step)
         if on_step is not None:

@@ -316,3 +316,40 @@ def test_a_second_box_on_a_standing_person_does_not_take_over_a_hidden_walker():
     hidden = [[standing(3), standing(4, 540.0)]] + [[standing(3), standing(4, 540.0)]] * 3
     back = [[_walker(5, x), standing(3), standing(4, 540.0)] for x in (460, 440, 420, 400)]
     assert [(c.direction, c.track_id) for c in _replay(walk + hidden + back)] == [("in", 5)]
+
+
+def test_map_ahead_keeps_order_and_raises_the_workers_error_in_the_consumer():
+    from edge_agent.pipeline import map_ahead
+
+    assert list(map_ahead(((i, i) for i in range(50)), lambda x: x * x)) == [(i, i * i) for i in range(50)]
+
+    def fail_on_3(x: int) -> int:
+        if x == 3:
+            raise ValueError("bad frame 3")
+        return x
+
+    got = []
+    with pytest.raises(ValueError, match="bad frame 3"):
+        for item in map_ahead(((i, i) for i in range(10)), fail_on_3):
+            got.append(item)
+    assert got == [(0, 0), (1, 1), (2, 2)]  # everything before the error was delivered
+
+
+def test_map_ahead_stopped_early_closes_its_source_and_ends_its_thread():
+    from edge_agent.pipeline import map_ahead
+
+    closed = threading.Event()
+
+    def source():
+        try:
+            for i in range(1000):
+                yield i, i
+        finally:
+            closed.set()
+
+    before = threading.active_count()
+    items = map_ahead(source(), lambda x: x, name="map-ahead-test")
+    assert [next(items) for _ in range(3)] == [(0, 0), (1, 1), (2, 2)]
+    items.close()
+    assert closed.wait(5)
+    assert wait_for(lambda: threading.active_count() <= before, 5)
