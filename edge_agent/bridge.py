@@ -418,13 +418,14 @@ class Bridge:
         batch instead of once per message: a backlog drains at the speed of the wire.
         """
         rc = self._client.loop(timeout=0.05)
-        room = min(MAX_READ_BATCH, self._cfg.max_inflight - self._inflight) - len(self._incoming)
-        while rc == mqtt.MQTT_ERR_SUCCESS and room > 0:
+        limit = min(MAX_READ_BATCH, self._cfg.max_inflight - self._inflight)
+        # Count messages, not calls: one loop_read() reads as many packets as we have QoS 1
+        # publishes unconfirmed (the e2e acks), so counting calls let batches grow to ~400.
+        while rc == mqtt.MQTT_ERR_SUCCESS and len(self._incoming) < limit:
             before = len(self._incoming)
             rc = self._client.loop_read()
             if len(self._incoming) == before:
                 break  # nothing more buffered (or a non-PUBLISH packet): back to select
-            room -= 1
         return rc
 
     def _connect_once(self) -> bool:
