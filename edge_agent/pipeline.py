@@ -42,7 +42,7 @@ NEW_TRACK_MARGIN = 0.25
 CONFIRM_SECONDS = 0.2
 MIN_CONFIRM_FRAMES = 3
 # Hysteresis: ... and got this many box heights past the line (jitter of the box bottom stays below).
-CONFIRM_MARGIN = 0.02
+CONFIRM_MARGIN = 0.07
 # The anchor is averaged over a track's last observations: damps jitter, delays a crossing slightly.
 SMOOTH_FRAMES = 3
 # A track unseen this long is gone (its id will not come back).
