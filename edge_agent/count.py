@@ -132,15 +132,20 @@ class LineCounter:
     def wants(self, class_name: str) -> bool:
         return self.classes is None or class_name in self.classes
 
-    def observe(self, track_id: int, xyxy, class_name: str, frame: int, ts: float) -> Crossing | None:
-        """One observation of a track; returns a crossing once it is confirmed."""
-        raw = anchor_point(xyxy, self.anchor)
+    def observe(self, track_id: int, xyxy, class_name: str, frame: int, ts: float,
+                smoothed: tuple[float, float] | None = None) -> Crossing | None:
+        """One observation of a track; returns a crossing once it is confirmed.
+
+        ``smoothed``: the track's anchor already averaged over its last ``smooth`` observations,
+        when the caller keeps that once for all its lines (the same for every line).
+        """
+        raw = anchor_point(xyxy, self.anchor) if smoothed is None else smoothed
         box_h = max(xyxy[3] - xyxy[1], 1.0)
         st = self.tracks.get(track_id)
         if st is None:
             self.tracks[track_id] = _TrackOnLine(raw, class_name, recent=[raw])
             return None
-        pt = st.smoothed(raw, self.smooth)
+        pt = st.smoothed(raw, self.smooth) if smoothed is None else smoothed
         direction = self.segment.crossing(st.last, pt)
         st.last, st.class_name = pt, class_name
         if direction is not None:

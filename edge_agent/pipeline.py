@@ -81,7 +81,7 @@ class _Trail:
     """A track's recent bottom-centre anchors; it moves to the new id on an ID switch."""
 
     def __init__(self) -> None:
-        self.points: deque[tuple[int, float, float]] = deque(maxlen=TRAIL_STEPS)  # (step, x, y)
+        self.points: deque[tuple[int, float, float]] = deque(maxlen=max(TRAIL_STEPS, SMOOTH_FRAMES))  # (step, x, y)
         self.step = 0
         self.class_id = -1
 
@@ -89,6 +89,11 @@ class _Trail:
         x1, _, x2, y2 = xyxy.tolist()
         self.points.append((step, (x1 + x2) / 2, y2))
         self.step, self.class_id = step, class_id
+
+    def mean_anchor(self, last: int) -> tuple[float, float]:
+        """The mean of the last ``last`` anchors: damps detector jitter for the line counters."""
+        pts = list(self.points)[-last:]
+        return sum(p[1] for p in pts) / len(pts), sum(p[2] for p in pts) / len(pts)
 
     def predicted_anchor(self, step: int) -> tuple[float, float]:
         """The last anchor moved on at the mean speed over the trail (constant velocity)."""
@@ -177,8 +182,10 @@ class CountingStage:
         for t in tracks:
             name = self.names[t.class_id]
             box = t.xyxy.tolist()  # plain floats: the per-line arithmetic is scalar
+            bottom = self._trails[t.track_id].mean_anchor(SMOOTH_FRAMES)  # once for all lines
             for line in self.lines:
-                if line.wants(name) and (c := line.observe(t.track_id, box, name, frame, ts)):
+                pt = bottom if line.anchor == "bottom_center" else None
+                if line.wants(name) and (c := line.observe(t.track_id, box, name, frame, ts, pt)):
                     crossings.append(c)
         alive = self.tracker.active_ids()
         for gone in self._alive - alive:
