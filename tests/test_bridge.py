@@ -180,3 +180,38 @@ def test_the_fallback_http_server_answers_healthz_and_metrics(monkeypatch: pytes
     finally:
         stop_http()
         bridge.stop(timeout=1)
+
+
+class _BurstyClient:
+    """paho's loop_read() reads one packet per unconfirmed QoS 1 publish of ours (the e2e acks):
+    this stand-in delivers ``burst`` messages per call, from an endless backlog."""
+
+    def __init__(self, bridge: object, burst: int):
+        self._bridge, self._burst, self._mid = bridge, burst, 0
+
+    def _deliver(self, count: int) -> int:
+        for _ in range(count):
+            self._mid += 1
+            self._bridge._incoming.append((GOOD_TOPIC, b"{}", self._mid))  # type: ignore[attr-defined]
+        return 0  # MQTT_ERR_SUCCESS
+
+    def loop(self, timeout: float) -> int:
+        return self._deliver(1)
+
+    def loop_read(self) -> int:
+        return self._deliver(self._burst)
+
+
+def test_a_read_batch_is_bounded_by_messages_not_by_loop_read_calls() -> None:
+    """64 loop_read() calls of 33 packets each once made batches of ~2,000: seconds before the first produce."""
+    from edge_agent.bridge import MAX_READ_BATCH, Bridge
+
+    bridge = Bridge(BridgeConfig.model_validate({"mqtt": {"port": 1}, "kafka": {"bootstrap_servers": "127.0.0.1:1"}}))
+    try:
+        bridge._client = _BurstyClient(bridge, burst=33)  # type: ignore[assignment]
+        bridge._read_batch()
+        assert MAX_READ_BATCH <= len(bridge._incoming) < MAX_READ_BATCH + 33
+    finally:
+        bridge._incoming.clear()
+        bridge._client = bridge._new_mqtt_client()
+        bridge.stop(timeout=1)
