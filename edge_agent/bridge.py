@@ -24,6 +24,7 @@ Policy for failures (see README "The bridge"):
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import json
@@ -799,6 +800,7 @@ def run_bridge(path: Path) -> int:
     bridge = Bridge(cfg)
     bridge.start()
     stop_http = serve_http(bridge)
+    freeze_startup_heap()
     _notify_systemd("READY=1")
     while not stop.wait(1.0):
         # edge-bridge.service has WatchdogSec: a hung main loop or a dead worker thread gets restarted.
@@ -811,6 +813,16 @@ def run_bridge(path: Path) -> int:
     bridge.stop(timeout=20)  # inside the unit's TimeoutStopSec=30, with room to disconnect
     stop_http()
     return 0
+
+
+def freeze_startup_heap() -> None:
+    """Leave what start-up allocated (modules, pydantic and FastAPI schemas) out of every later GC pass.
+
+    Those objects live as long as the process; a full collection walked all of them and
+    stopped every thread for ~20 ms, which showed as the bridge's latency tail
+    (bench_bridge_path: p95 27/21/24 ms frozen vs 39/29/29 not, runs paired).
+    """
+    gc.freeze()
 
 
 def _notify_systemd(state: str) -> None:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import bench_bridge as bb  # noqa: E402
 from brokers import TansuBroker, create_topics, start_mosquitto, wait_for  # noqa: E402
 
-from edge_agent.bridge import Bridge  # noqa: E402
+from edge_agent.bridge import Bridge, freeze_startup_heap  # noqa: E402
 from edge_agent.config import BridgeConfig  # noqa: E402
 
 STAGES = [("pub", "recv"), ("recv", "produce"), ("produce", "deliv"), ("deliv", "settle"), ("pub", "deliv")]
@@ -129,6 +129,7 @@ def main() -> None:
             subscribed = threading.Event()  # until the SUBACK, the share group does not exist: messages drop
             bridge._client.on_subscribe = lambda *_: subscribed.set()
             bridge.start()
+            freeze_startup_heap()  # as run_bridge does
             wait_for(subscribed.is_set, 30, message="bridge subscribed")
             code = PUBLISHER.format(scripts=str(REPO / "scripts"), tests=str(REPO / "tests"), port=mosq.port,
                                     n=n, rate=args.rate, topic=f"{bb.PREFIX}/gw-bench/up/camera.events")
