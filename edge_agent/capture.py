@@ -78,6 +78,67 @@ def source_fps(cap: cv2.VideoCapture, default: float = 25.0) -> float:
     return float(fps) if fps and 0 < fps < 1000 else default
 
 
+_END = object()
+
+
+def map_ahead(items: Iterator[tuple[int, Any]], fn: Callable[[Any], Any], *, depth: int = 2,
+              name: str = "map-ahead") -> Iterator[tuple[int, Any]]:
+    """``(index, fn(item))`` for ``(index, item)`` in order, iterated and computed in a helper thread
+    at most ``depth`` items ahead. OpenCV, numpy and onnxruntime release the GIL, so decoding and
+    inference overlap the caller's work. An error in the helper thread is raised here."""
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for index, item in items:
+                if stop.is_set():
+                    break
+                out.put((index, fn(item)))
+        except BaseException as e:  # handed to the consumer, which raises it
+            out.put(e)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # a generator is closed by the thread that iterates it
+            out.put(_END)
+
+    worker = threading.Thread(target=work, name=name, daemon=True)
+    worker.start()
+    try:
+        while (got := out.get()) is not _END:
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a worker waiting on a full queue
+            try:
+                out.get_nowait()
+            except queue.Empty:
+                worker.join(0.05)
+
+
+def _decoded_frames(cap: cv2.VideoCapture, step: float) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, image) of every ``step``-th frame; skipped frames are grabbed, not decoded."""
+    index, next_keep = 0, 0.0
+    try:
+        while True:
+            if index < next_keep - 1e-6:
+                if not cap.grab():
+                    return
+                index += 1
+                continue
+            ok, image = cap.read()
+            if not ok:
+                return
+            next_keep += step
+            yield index, image
+            index += 1
+    finally:
+        cap.release()
+
+
 def iter_file_frames(path: str | Path, fps: float | None = None, *, prefetch: int = 4,
                      transform: Callable[[np.ndarray], Any] | None = None) -> Iterator[tuple[int, Any]]:
     """(frame index, BGR image) of a video file: every frame, or subsampled to ``fps``.
@@ -88,40 +149,8 @@ def iter_file_frames(path: str | Path, fps: float | None = None, *, prefetch: in
     cap = open_capture(str(path))
     src_fps = source_fps(cap)
     step = 1.0 if not fps or fps >= src_fps else src_fps / fps
-    frames: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def decode() -> None:
-        index, next_keep = 0, 0.0
-        try:
-            while not stop.is_set():
-                if index < next_keep - 1e-6:  # not kept: grab without decoding
-                    if not cap.grab():
-                        break
-                    index += 1
-                    continue
-                ok, image = cap.read()
-                if not ok:
-                    break
-                next_keep += step
-                frames.put((index, transform(image) if transform else image))
-                index += 1
-        finally:
-            frames.put(None)
-
-    worker = threading.Thread(target=decode, name=f"decode-{Path(path).name}", daemon=True)
-    worker.start()
-    try:
-        while (item := frames.get()) is not None:
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():  # unblock a decoder waiting on a full queue
-            try:
-                frames.get_nowait()
-            except queue.Empty:
-                worker.join(0.05)
-        cap.release()
+    yield from map_ahead(_decoded_frames(cap, step), transform or (lambda image: image), depth=prefetch,
+                         name=f"decode-{Path(path).name}")
 
 
 def video_size(path: str | Path) -> tuple[int, int, float, int]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import queue
 import sys
 import threading
 import time
@@ -19,14 +18,14 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 from pydantic import ValidationError
 
 from . import metrics
-from .capture import LatestFrameReader, RateMeter, StreamError, iter_file_frames, video_size
+from .capture import LatestFrameReader, RateMeter, StreamError, iter_file_frames, map_ahead, video_size
 from .config import CameraConfig, LineConfig, ModelConfig, ZoneConfig
 from .count import CounterStore, Crossing, LineCounter, LineTotals, ZoneCounter
 from .detect import LOW_SCORE_FLOOR, Detections, Detector, ModelFormatError, UnknownClassError
@@ -260,47 +259,6 @@ class CountReport:
                 "zones": {z: {"avg": round(self.occupancy_sum[z] / n, 3), "max": self.occupancy_max[z]}
                           for z in zone_ids},
                 "timing": timing}
-
-
-_END = object()
-
-
-def map_ahead(items: Iterator[tuple[int, Any]], fn: Callable[[Any], Any], *, depth: int = 2,
-              name: str = "map-ahead") -> Iterator[tuple[int, Any]]:
-    """``(index, fn(item))`` for ``(index, item)`` in order, computed in a helper thread at most
-    ``depth`` items ahead: onnxruntime releases the GIL, so the next frame's inference runs while
-    this thread tracks and counts the current one. An error in ``fn`` is raised here."""
-    out: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for index, item in items:
-                if stop.is_set():
-                    break
-                out.put((index, fn(item)))
-        except BaseException as e:  # handed to the consumer, which raises it
-            out.put(e)
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()  # a generator is closed by the thread that iterates it
-            out.put(_END)
-
-    worker = threading.Thread(target=work, name=name, daemon=True)
-    worker.start()
-    try:
-        while (got := out.get()) is not _END:
-            if isinstance(got, BaseException):
-                raise got
-            yield got
-    finally:
-        stop.set()
-        while worker.is_alive():  # unblock a worker waiting on a full queue
-            try:
-                out.get_nowait()
-            except queue.Empty:
-                worker.join(0.05)
 
 
 def count_video(video: str | Path, detector: Detector, lines: list[LineConfig], zones: list[ZoneConfig], *,

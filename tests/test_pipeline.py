@@ -319,7 +319,7 @@ def test_a_second_box_on_a_standing_person_does_not_take_over_a_hidden_walker():
 
 
 def test_map_ahead_keeps_order_and_raises_the_workers_error_in_the_consumer():
-    from edge_agent.pipeline import map_ahead
+    from edge_agent.capture import map_ahead
 
     assert list(map_ahead(((i, i) for i in range(50)), lambda x: x * x)) == [(i, i * i) for i in range(50)]
 
@@ -336,7 +336,7 @@ def test_map_ahead_keeps_order_and_raises_the_workers_error_in_the_consumer():
 
 
 def test_map_ahead_stopped_early_closes_its_source_and_ends_its_thread():
-    from edge_agent.pipeline import map_ahead
+    from edge_agent.capture import map_ahead
 
     closed = threading.Event()
 
