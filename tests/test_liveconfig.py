@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
 
+from brokers import wait_for
 from edge_agent.envelope import Draft
 from edge_agent.liveconfig import (ConfigChange, ConfigRejected, LiveConfig, VersionConflict, changed_paths,
                                    version_of)
@@ -23,16 +22,6 @@ BASE = {
     ],
     "report": {"interval_s": 60},
 }
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, step: float = 0.02) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 class Recorder:
@@ -143,7 +132,7 @@ def test_hand_edit_is_picked_up_by_the_watch(live: LiveConfig, cfg_file: Path) -
     tmp = cfg_file.with_suffix(".swp")
     tmp.write_text(yaml.safe_dump(edited))
     os.replace(tmp, cfg_file)  # how editors save
-    wait_for(lambda: live.rec.changes)  # type: ignore[attr-defined]
+    wait_for(lambda: live.rec.changes, 10)  # type: ignore[attr-defined]
     change = live.rec.changes[0]  # type: ignore[attr-defined]
     assert change.source == "file" and change.changed == ["cameras.cam-2"]
     assert [c.id for c in live.config.cameras] == ["cam-1"]
@@ -156,7 +145,7 @@ def test_broken_hand_edit_is_refused_audited_once_and_running_config_kept(
     live.start_watching()
     version = live.state.version
     cfg_file.write_text("device_id: gw-1\ncameras: [ {id: cam-1\n")  # unbalanced: not YAML
-    wait_for(lambda: live.rec.of_type("config.rejected"))  # type: ignore[attr-defined]
+    wait_for(lambda: live.rec.of_type("config.rejected"), 10)  # type: ignore[attr-defined]
     rejected = live.rec.of_type("config.rejected")[0]  # type: ignore[attr-defined]
     assert rejected.data["running_version"] == version and "YAML" in rejected.data["problems"][0]
     assert live.state.version == version and len(live.config.cameras) == 2
@@ -167,7 +156,7 @@ def test_broken_hand_edit_is_refused_audited_once_and_running_config_kept(
     assert len(live.rec.of_type("config.rejected")) == 1  # type: ignore[attr-defined]
     # Fixing the file is picked up.
     cfg_file.write_text(yaml.safe_dump({**BASE, "report": {"interval_s": 5}}))
-    wait_for(lambda: live.config.report.interval_s == 5)
+    wait_for(lambda: live.config.report.interval_s == 5, 10)
 
 
 def test_our_own_write_does_not_count_as_a_second_change(live: LiveConfig) -> None:
@@ -201,5 +190,5 @@ def test_request_reload_works_without_the_file_watch(live: LiveConfig, cfg_file:
     live.start_watching(file_watch=False)
     cfg_file.write_text(yaml.safe_dump({**BASE, "report": {"interval_s": 9}}))
     live.request_reload()
-    wait_for(lambda: live.rec.changes)  # type: ignore[attr-defined]
+    wait_for(lambda: live.rec.changes, 10)  # type: ignore[attr-defined]
     assert live.config.report.interval_s == 9 and live.rec.changes[0].source == "file"  # type: ignore[attr-defined]
