@@ -7,7 +7,6 @@ its ack topic and, where a test says so, re-sends what stays unacked.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -23,7 +22,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from brokers import (ExternalKafka, TansuBroker, client_config, consume_all, create_topics, free_port, read_topic,
+from brokers import (ExternalKafka, TansuBroker, client_config, consume_all, free_port, read_topic,
                      wait_for)
 from edge_agent.bridge import Bridge, run_bridge
 from edge_agent.config import STREAMS, BridgeConfig
