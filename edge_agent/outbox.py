@@ -133,7 +133,6 @@ class Outbox:
         self._closed = False
         self._overflow_pending: dict[str, list[int]] = {}
         self._overflow_reported_at = 0.0
-        self._wakeup = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="outbox-writer", daemon=True)
         self._writer.start()
         self._refresh_gauges(force=True)
@@ -228,9 +227,6 @@ class Outbox:
         self._queue.put(item)
         return item.future.result(timeout=timeout)
 
-    def emit(self, draft: Draft) -> Envelope:
-        return self.put(draft)
-
     # --- the writer thread ------------------------------------------------------------
 
     def _write_loop(self) -> None:
@@ -297,7 +293,6 @@ class Outbox:
             else:
                 item.future.set_result(res)
         self._refresh_gauges()
-        self._wakeup.set()
         for stream, seqs in overflow.items():
             self._overflow_pending.setdefault(stream, []).extend(seqs)
         self._maybe_report_overflow()
@@ -405,7 +400,6 @@ class Outbox:
                 stream = self._inflight.pop(seq, None)
                 if stream is not None and seq in self._stream_of_pending:
                     self._unsent[stream].appendleft(seq)
-        self._wakeup.set()
 
     def ack(self, seqs: Iterable[int]) -> int:
         """Delete acknowledged entries; returns how many were still here."""
@@ -435,10 +429,6 @@ class Outbox:
         with self._cache.transact():
             for seq in seqs:
                 self._cache.delete(seq)
-
-    def wait_for_work(self, timeout: float) -> None:
-        self._wakeup.wait(timeout)
-        self._wakeup.clear()
 
     # --- state ------------------------------------------------------------------------
 

@@ -42,7 +42,6 @@ class _InFlight:
     stream: str
     sent_at: float
     attempts: int
-    mid: int | None
 
 
 def configure_transport(client: mqtt.Client, cfg: MqttConfig) -> None:
@@ -92,7 +91,6 @@ class Uplink:
         self._token_at = time.monotonic()
         self._last_resend_scan = 0.0
         self._resend_requested = threading.Event()  # flush_outbox: resend every unacked entry now
-        self._status_extra: dict = {}
         self.last_error: str | None = None
         self.refused_total = 0
         self._client = self._new_client()
@@ -114,9 +112,6 @@ class Uplink:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
-
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
 
     def publish_direct(self, topic: str, payload: bytes, *, qos: int = 1,
                        correlation_data: bytes | None = None) -> None:
@@ -166,7 +161,7 @@ class Uplink:
         if self._command_handler is not None:
             client.subscribe(self.topic_cmd, qos=1)
         client.publish(self.topic_status, json.dumps(
-            {"state": "online", "device_id": self.device_id, "ts": utc_now_iso(), **self._status_extra}),
+            {"state": "online", "device_id": self.device_id, "ts": utc_now_iso()}),
             qos=1, retain=True)
         self.last_error = None
         self._connected.set()
@@ -291,7 +286,7 @@ class Uplink:
         for e in entries:
             info = self._client.publish(self.topic_up + e.stream, e.payload, qos=1)
             self._mid_to_seq[info.mid] = e.seq
-            self._inflight[e.seq] = _InFlight(e.stream, now, 1, info.mid)
+            self._inflight[e.seq] = _InFlight(e.stream, now, 1)
             metrics.PUBLISHED.labels(stream=e.stream).inc()
         self._tokens -= len(entries)
 
@@ -316,7 +311,7 @@ class Uplink:
                 continue
             info = self._client.publish(self.topic_up + entry.stream, entry.payload, qos=1)
             self._mid_to_seq[info.mid] = seq
-            f.sent_at, f.attempts, f.mid = now, f.attempts + 1, info.mid
+            f.sent_at, f.attempts = now, f.attempts + 1
             metrics.RESENT.inc()
 
     def _say_offline(self) -> None:
