@@ -13,7 +13,6 @@ import copy
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from watchdog.observers import Observer
 
 from .config import AgentConfig, ConfigError, missing_secrets, parse_agent
 from .envelope import Draft
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -118,26 +118,6 @@ def validate(data: dict[str, Any], *, check_secrets: bool = True) -> AgentConfig
     return cfg
 
 
-def atomic_write(path: Path, raw: bytes) -> None:
-    """Temp file in the same directory, fsync, rename over, fsync the directory: all or nothing."""
-    path = Path(path)
-    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o640
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def dump_document(data: dict[str, Any]) -> bytes:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import shutil
 import sqlite3
@@ -35,6 +34,7 @@ import diskcache
 from . import metrics
 from .config import STREAM_PRIORITY, STREAMS, OutboxConfig
 from .envelope import Draft, Envelope, build, encode, utc_now_iso
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +184,8 @@ class Outbox:
             return 0
 
     def _write_sidecar(self, seq: int) -> None:
-        tmp = self._sidecar().with_suffix(".tmp")
         try:
-            tmp.write_text(str(seq))
-            os.replace(tmp, self._sidecar())
+            atomic_write(self._sidecar(), str(seq).encode())
         except OSError as e:  # best effort: only matters when the outbox itself is lost
             log.warning("cannot write seq high-water mark: %s", e)
 
