@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -21,9 +22,13 @@ def new_trace_id() -> str:
     return os.urandom(16).hex()
 
 
+def iso_utc(ts: float) -> str:
+    """A Unix time as RFC 3339 UTC with milliseconds, e.g. 2026-11-26T06:00:00.123Z."""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def utc_now_iso() -> str:
-    """RFC 3339 UTC with milliseconds, e.g. 2026-11-26T06:00:00.123Z."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(time.time())
 
 
 class Envelope(BaseModel):

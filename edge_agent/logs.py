@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import datetime, timezone
+
+from .envelope import iso_utc
 
 _FIELDS = ("trace_id", "correlation_id", "device_id", "camera_id", "command", "seq", "stream", "topic")
 
@@ -16,8 +17,7 @@ _FIELDS = ("trace_id", "correlation_id", "device_id", "camera_id", "command", "s
 class JsonLines(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
+            "ts": iso_utc(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +28,7 @@ from .capture import LatestFrameReader, RateMeter, StreamError, iter_file_frames
 from .config import CameraConfig, LineConfig, ModelConfig, ZoneConfig
 from .count import CounterStore, Crossing, LineCounter, LineTotals, ZoneCounter
 from .detect import LOW_SCORE_FLOOR, Detections, Detector, ModelFormatError, UnknownClassError
-from .envelope import Draft
+from .envelope import Draft, iso_utc
 from .track import ByteTracker, TrackedObject, iou_matrix
 
 log = logging.getLogger(__name__)
@@ -62,10 +61,6 @@ OCCUPANCY_CLEAR_FRAMES = 3
 
 def confirm_frames(fps: float) -> int:
     return max(MIN_CONFIRM_FRAMES, int(round(fps * CONFIRM_SECONDS)))
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -533,7 +528,7 @@ class CameraWorker:
             metrics.CROSSINGS.labels(self.camera.id, c.line, c.direction, c.class_name).inc()
             self._emit("ai.inference.results", "counting.crossing",
                        {"line": c.line, "direction": c.direction, "class": c.class_name,
-                        "track_id": c.track_id, "ts": iso(c.ts)})
+                        "track_id": c.track_id, "ts": iso_utc(c.ts)})
 
     def _save_counts(self, now: float) -> None:
         with self._lock:
@@ -556,7 +551,7 @@ class CameraWorker:
                     self._over[zone.id] = True
                     self._emit("notifications", "alert.occupancy",
                                {"zone": zone.id, "occupancy": n, "max_occupancy": zone.max_occupancy,
-                                "ts": iso(time.time())})
+                                "ts": iso_utc(time.time())})
             elif self._over[zone.id]:
                 self._under_frames[zone.id] += 1
                 if self._under_frames[zone.id] >= OCCUPANCY_CLEAR_FRAMES:
@@ -573,7 +568,7 @@ class CameraWorker:
             cumulative = self.store.totals.as_dict([line.id for line in self.camera.lines])
         elapsed = max(now - iv.started, 1e-9)
         interval_counts = iv.totals.as_dict([line.id for line in self.camera.lines])
-        data = {"from": iso(iv.started_wall), "to": iso(now_wall), "interval_s": round(elapsed, 3),
+        data = {"from": iso_utc(iv.started_wall), "to": iso_utc(now_wall), "interval_s": round(elapsed, 3),
                 "frames": iv.frames, "skipped": iv.skipped, "fps": round(iv.frames / elapsed, 2),
                 "camera_fps": round(self.reader.camera_fps(), 2),
                 "inference_ms": round(iv.inference_ms / iv.frames, 2) if iv.frames else None,
