@@ -1,15 +1,26 @@
 """The MQTT -> Kafka bridge (``edge-agent bridge -c bridge.yaml``).
 
-Two threads, each owning one client:
+One worker thread owns both clients and runs one loop:
 
-* the MQTT thread runs the paho loop by hand. It reads only while fewer than
-  ``max_inflight`` messages are unsettled (Mosquitto issue #2301: one PUBACK can
-  release a whole new window, so the broker's receive maximum is not a bound),
-  validates each message and hands it to the producer;
-* the poll thread serves the producer's delivery reports: it PUBACKs the MQTT
-  message (manual ack) only once Kafka has the record or its dead letter,
-  batches the end-to-end acks, re-sends failed records with backoff and
-  replaces a stalled producer.
+* it reads MQTT only while fewer than ``max_inflight`` messages are unsettled
+  (Mosquitto issue #2301: one PUBACK can release a whole new window, so the
+  broker's receive maximum is not a bound), validates each batch and hands it
+  to the producer;
+* it serves the producer's delivery reports: it PUBACKs the MQTT message
+  (manual ack) only once Kafka has the record or its dead letter, batches the
+  end-to-end acks, re-sends failed records with backoff and replaces a stalled
+  producer.
+
+Why one thread: confluent-kafka takes the GIL once per delivery report. With the
+reports served by a second thread, every report waited for the MQTT thread to
+give up the GIL (up to the 5 ms switch interval), which capped the drain rate
+and made the latency tail. In one thread the reports cost no hand-over. While
+Kafka owes reports, the loop waits on the MQTT socket for at most 10 ms at a
+time: a message wakes it at once, and the reports only settle acks, they are not
+on the way to Kafka. The HTTP API's thread only calls ``submit``
+(``Producer.produce`` is thread-safe). The MQTT socket is read and written in
+chunks (``mqtt_transport``): paho's own reads and writes were a system call per
+packet field.
 
 Policy for failures (see README "The bridge"):
 
@@ -52,6 +63,7 @@ from . import logs
 from .config import BridgeConfig, ConfigError, env_secret, load_bridge, missing_secrets
 from .envelope import Envelope, encode, utc_now_iso
 from .kafka_io import dlq_headers, kafka_client_config, plan_after_failure, producer_config
+from .mqtt_transport import BufferedClient
 from .metrics import (BRIDGE_DELIVERY_SECONDS, BRIDGE_DLQ, BRIDGE_DUPLICATES, BRIDGE_INFLIGHT, BRIDGE_PRODUCED,
                       BRIDGE_RECEIVED, BRIDGE_RETRIES, exposition)
 from .outbox import seq_ranges  # the same compact ranges the agent's overflow events use
@@ -228,7 +240,9 @@ class DeadLettered(Exception):
         self.error = error
 
 
-_RUNNING, _DRAINING, _DONE = "running", "draining", "done"
+_RUNNING, _DRAINING = "running", "draining"
+KAFKA_WAIT_S = 0.01  # while Kafka owes delivery reports, look for them this often (1 ms cost 8% CPU)
+IDLE_WAIT_S = 0.05  # otherwise wait on the MQTT socket this long at most
 
 
 class Bridge:
@@ -237,9 +251,9 @@ class Bridge:
     def __init__(self, cfg: BridgeConfig):
         self.config = cfg
         self._cfg = cfg
-        self._lock = threading.RLock()  # guards the bookkeeping below and the producer handle
-        self._room = threading.Condition(self._lock)  # signalled when in-flight work settles
+        self._lock = threading.RLock()  # guards the bookkeeping below against the HTTP API's thread
         self._phase = _RUNNING
+        self._drain_deadline = 0.0  # once stopping: give up waiting for Kafka at this time.monotonic()
         self._inflight = 0  # MQTT messages received, not yet PUBACKed
         self._api_pending = 0
         self._by_id: dict[str, Record] = {}  # envelope id -> record not yet confirmed
@@ -259,12 +273,10 @@ class Bridge:
         self._producer_cfg.setdefault("message.max.bytes", max(1_000_000, cfg.max_message_bytes + 65536))
         self._producer = self._new_producer()
         self._client = self._new_mqtt_client()
-        self._mqtt_thread = threading.Thread(target=_logged(self._mqtt_loop), name="bridge-mqtt", daemon=True)
-        self._poll_thread = threading.Thread(target=_logged(self._poll_loop), name="bridge-kafka", daemon=True)
-        self._poll_stop = threading.Event()
-        self._stopped_reading = threading.Event()
-        # Hand-over lists, each touched by one thread only: the MQTT thread's messages
-        # read but not yet handled, the poll thread's delivery reports.
+        self._worker = threading.Thread(target=_logged(self._run), name="bridge", daemon=True)
+        self._reconnect_at = 0.0
+        self._backoff = cfg.mqtt.reconnect_min_s
+        # Filled by callbacks, emptied in batches by the loop: messages read, delivery reports.
         self._incoming: list[tuple[str, bytes, int]] = []
         self._reports: list[tuple[Record, KafkaError | None, Any]] = []
         self._e2e_sent: list[mqtt.MQTTMessageInfo] = []  # e2e acks the broker has not confirmed yet
@@ -272,8 +284,7 @@ class Bridge:
     # --- public --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._mqtt_thread.start()
-        self._poll_thread.start()
+        self._worker.start()
         log.info("bridge started", extra={"topic": self.subscription})
 
     @property
@@ -299,8 +310,8 @@ class Bridge:
         return future
 
     def alive(self) -> bool:
-        """Both worker threads still run (a crashed one means: no more watchdog pings, get restarted)."""
-        return self._mqtt_thread.is_alive() and self._poll_thread.is_alive()
+        """The worker thread still runs (a crashed one means: no more watchdog pings, get restarted)."""
+        return self._worker.is_alive()
 
     def health(self) -> dict[str, Any]:
         with self._lock:
@@ -310,38 +321,26 @@ class Bridge:
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop reading, let Kafka confirm what is in flight, ack it, disconnect. True if all settled."""
-        deadline = time.monotonic() + timeout
         with self._lock:
-            self._phase = _DRAINING
-            self._room.notify_all()
-        if self._mqtt_thread.is_alive():  # it handles what it has read, then stops reading
-            self._stopped_reading.wait(5.0)
+            if self._phase == _RUNNING:
+                self._phase = _DRAINING
+                self._drain_deadline = time.monotonic() + timeout
+        if self._worker.is_alive():
+            self._worker.join(timeout + 10)  # it settles what it can, sends the e2e acks and disconnects
         with self._lock:
-            while self._inflight + self._api_pending > 0 and time.monotonic() < deadline:
-                self._room.wait(min(0.1, max(0.0, deadline - time.monotonic())))
-            settled = self._inflight + self._api_pending == 0
-        if not settled:
-            log.warning("stopping with %d messages unsettled: the broker will deliver them again",
-                        self._inflight + self._api_pending)
-        self._poll_stop.set()
-        if self._poll_thread.is_alive():
-            self._poll_thread.join(timeout=5)
-        self._publish_e2e_acks()  # whatever the poll thread had not published yet
-        with self._lock:
-            self._phase = _DONE
-            self._room.notify_all()
-        if self._mqtt_thread.is_alive():
-            self._mqtt_thread.join(timeout=max(2.0, deadline - time.monotonic()))
+            unsettled = self._inflight + self._api_pending
+        if unsettled:
+            log.warning("stopping with %d messages unsettled: the broker will deliver them again", unsettled)
         self._close_producer(self._producer)
         log.info("bridge stopped", extra={"topic": self.subscription})
-        return settled
+        return unsettled == 0
 
     # --- MQTT side -----------------------------------------------------------------------------
 
     def _new_mqtt_client(self) -> mqtt.Client:
         m = self._cfg.mqtt
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv5,
-                             manual_ack=True)
+        client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv5,
+                                manual_ack=True)
         if m.tls is not None:
             client.tls_set(ca_certs=str(m.tls.ca) if m.tls.ca else None,
                            certfile=str(m.tls.cert) if m.tls.cert else None,
@@ -354,8 +353,8 @@ class Bridge:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        # All socket I/O stays in the MQTT thread: with this hook set, paho only queues packets
-        # that other threads (acks from the poll thread) hand it, and wakes the loop.
+        # With this hook set, paho queues the PUBACKs and e2e acks we hand it and the loop
+        # writes them in one go, instead of one send() per packet as they are made.
         client.on_socket_register_write = lambda *_: None
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = m.session_expiry_s
@@ -376,49 +375,67 @@ class Bridge:
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         with self._lock:
             self._mqtt_connected = False
-        if self._phase != _DONE:
+        if self._phase == _RUNNING:
             log.warning("MQTT disconnected: %s", reason)
 
     def _reading_allowed(self) -> bool:
         return self._phase == _RUNNING and self._inflight < self._cfg.max_inflight
 
-    def _mqtt_loop(self) -> None:
-        backoff = self._cfg.mqtt.reconnect_min_s
-        while self._phase != _DONE:
-            if self._phase != _RUNNING:
-                self._stopped_reading.set()  # everything read so far has been handled
-            if not self._mqtt_connected and (self._phase != _RUNNING or not self._connect_once()):
-                # Disconnected: retry with backoff, or while stopping, just wait for the end
-                # (unacked messages come back to the next session).
-                with self._lock:
-                    self._room.wait(backoff)
-                backoff = min(backoff * 2, self._cfg.mqtt.reconnect_max_s)
+    def _run(self) -> None:
+        """The worker: serve Kafka, read MQTT (while there is room), repeat; once stopping, drain and disconnect."""
+        while not (self._phase != _RUNNING and (self._settled() or time.monotonic() >= self._drain_deadline)):
+            self._serve_kafka()
+            if not self._mqtt_connected:
+                self._connect_when_due()
                 continue
             if self._reading_allowed():
-                rc = self._read_batch()
+                rc = self._read_batch(self._mqtt_wait_s())
                 self._handle_incoming()
             else:
-                # Full (or draining): do not read; keep writing acks and keepalives.
-                with self._lock:
-                    if not self._reading_allowed() and self._phase != _DONE:
-                        self._room.wait(0.01)
+                # Full (or draining): do not read; wait for delivery reports, keep writing acks and pings.
+                self._producer.poll(0.01)
                 rc = self._client.loop_write()
                 if rc == mqtt.MQTT_ERR_SUCCESS:
                     rc = self._client.loop_misc()
-            if rc == mqtt.MQTT_ERR_SUCCESS and self._client.is_connected():
-                backoff = self._cfg.mqtt.reconnect_min_s
-            elif rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+            if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
                 with self._lock:
                     self._mqtt_connected = False
+        self._serve_kafka()  # the last reports, and their e2e acks
+        self._publish_e2e_acks()
         self._disconnect()
 
-    def _read_batch(self) -> int:
-        """Wait for the socket, then read what is there (up to the in-flight room) without waiting again.
+    def _settled(self) -> bool:
+        with self._lock:
+            return self._inflight + self._api_pending == 0
+
+    def _mqtt_wait_s(self) -> float:
+        """How long the loop may wait for MQTT: briefly while Kafka owes reports, else until due work."""
+        if len(self._producer) > 0 and self._kafka_connected:
+            return KAFKA_WAIT_S
+        now = time.monotonic()
+        with self._lock:
+            next_retry = self._retries[0][0] - now if self._retries else IDLE_WAIT_S
+        return max(0.0, min(IDLE_WAIT_S, next_retry, self._acks.due_in(now)))
+
+    def _connect_when_due(self) -> None:
+        """Reconnect with exponential backoff; until it is time (or while stopping), serve Kafka."""
+        now = time.monotonic()
+        if self._phase != _RUNNING or now < self._reconnect_at:
+            self._producer.poll(min(IDLE_WAIT_S, max(0.0, self._reconnect_at - now)))
+            return
+        if self._connect_once():
+            self._backoff = self._cfg.mqtt.reconnect_min_s
+            return
+        self._reconnect_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self._cfg.mqtt.reconnect_max_s)
+
+    def _read_batch(self, wait_s: float = IDLE_WAIT_S) -> int:
+        """Wait (at most wait_s) for the socket, then read what is there (up to the in-flight room).
 
         Handling messages in batches takes the lock, the metrics and the wake-ups once per
         batch instead of once per message: a backlog drains at the speed of the wire.
         """
-        rc = self._client.loop(timeout=0.05)
+        rc = self._client.loop(timeout=wait_s)
         limit = min(MAX_READ_BATCH, self._cfg.max_inflight - self._inflight)
         # Count messages, not calls: one loop_read() reads as many packets as we have QoS 1
         # publishes unconfirmed (the e2e acks), so counting calls let batches grow to ~400.
@@ -430,16 +447,17 @@ class Bridge:
         return rc
 
     def _connect_once(self) -> bool:
-        """One connection attempt, waiting (bounded) for the CONNACK."""
+        """One connection attempt, waiting (bounded) for the CONNACK while serving Kafka."""
         try:
             self._client.reconnect()
         except (OSError, ValueError) as e:
             log.warning("MQTT connect to %s:%s failed: %s", self._cfg.mqtt.host, self._cfg.mqtt.port, e)
             return False
         deadline = time.monotonic() + 10
-        while not self._mqtt_connected and time.monotonic() < deadline and self._phase != _DONE:
+        while not self._mqtt_connected and time.monotonic() < deadline and self._phase == _RUNNING:
             if self._client.loop(timeout=0.1) not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
                 return False
+            self._serve_kafka()
         return self._mqtt_connected
 
     def _disconnect(self) -> None:
@@ -447,7 +465,7 @@ class Bridge:
 
         Reading again here matters: the broker's receive maximum (20 for Mosquitto) caps our
         unconfirmed e2e acks, and paho holds the rest back until PUBACKs come in. Messages that
-        arrive meanwhile are left unacked (phase DONE) and come back to the next session.
+        arrive meanwhile are left unacked (we are stopping) and come back to the next session.
         """
         deadline = time.monotonic() + 3
         while self._mqtt_connected and time.monotonic() < deadline and (
@@ -568,7 +586,6 @@ class Bridge:
                 else:
                     self._failed(rec, err)
             BRIDGE_INFLIGHT.set(self._inflight)
-            self._room.notify_all()
         for topic, count in produced.items():
             BRIDGE_PRODUCED.labels(topic).inc(count)
 
@@ -627,20 +644,14 @@ class Bridge:
             self._outage_logged_at = now
             log.warning(text)
 
-    def _poll_loop(self) -> None:
-        while not self._poll_stop.is_set():
-            self._producer.poll(self._poll_timeout())
-            self._handle_reports()
-            self._resend_due()
-            if self._acks.due_in(time.monotonic()) == 0:
-                self._publish_e2e_acks()
-            self._watch_for_stall()
-
-    def _poll_timeout(self) -> float:
-        now = time.monotonic()
-        with self._lock:
-            next_retry = self._retries[0][0] - now if self._retries else 0.05
-            return max(0.0, min(0.05, next_retry, self._acks.due_in(now)))
+    def _serve_kafka(self) -> None:
+        """Everything the loop owes Kafka: reports, due retries, due e2e acks, the stall watchdog."""
+        self._producer.poll(0)
+        self._handle_reports()
+        self._resend_due()
+        if self._acks.due_in(time.monotonic()) == 0:
+            self._publish_e2e_acks()
+        self._watch_for_stall()
 
     def _resend_due(self) -> None:
         now = time.monotonic()

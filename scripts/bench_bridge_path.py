@@ -5,9 +5,9 @@ Real Mosquitto + Tansu. A publisher in a child process (so it does not share our
 GIL) sends envelopes at a fixed rate, each stamped with its publish time; the
 bridge runs in this process with timing hooks on four of its methods:
 
-  pub -> recv      publisher, Mosquitto, the bridge's MQTT thread picking it up
+  pub -> recv      publisher, Mosquitto, the bridge's loop picking it up
   recv -> produce  read batch, validation, hand-over to librdkafka
-  produce -> deliv linger, Kafka round trip, delivery report in the poll thread
+  produce -> deliv linger, Kafka round trip, delivery report served by the loop
   deliv -> settle  the report handled: PUBACK queued, e2e ack batched
 
 The first ``--warmup`` seconds are left out (producer id, metadata).
