@@ -10,11 +10,16 @@ until ``loop_write`` has queued them all, then writes them at once.
 Two hooks paho already has keep its loop right: ``pending()`` (meant for TLS
 sockets: bytes received but not read yet) makes it read on without waiting in
 ``select``, and ``want_write()`` stays true while collected bytes are unsent.
+
+``BufferedClient`` also decodes the common PUBLISH (QoS 1, MQTT v5, no properties)
+itself: paho builds and clears a ``Properties`` object for every PUBLISH, 11 µs,
+a fifth of the bridge's CPU per message. Any other PUBLISH is paho's.
 """
 
 from __future__ import annotations
 
 import ssl
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -111,3 +116,31 @@ class BufferedClient(mqtt.Client):
     def want_write(self) -> bool:
         sock = self._sock
         return super().want_write() or (isinstance(sock, BufferedSocket) and sock.unsent() > 0)
+
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        message = decode_plain_qos1_publish(self._in_packet["command"], self._in_packet["packet"], self._protocol)
+        if message is None:
+            return super()._handle_publish()
+        self._handle_on_message(message)
+        return mqtt.MQTT_ERR_SUCCESS if self._manual_ack else self._send_puback(message.mid)
+
+
+def decode_plain_qos1_publish(header: int, packet: bytes, protocol: int) -> mqtt.MQTTMessage | None:
+    """A QoS 1 MQTT v5 PUBLISH with no properties as paho's MQTTMessage (``properties`` None); else None.
+
+    ``packet`` is what follows the fixed header: topic length, topic, packet id,
+    property length (0 here), payload.
+    """
+    if protocol != mqtt.MQTTv5 or header & 0x06 != 0x02 or len(packet) < 2:
+        return None
+    topic_end = 2 + int.from_bytes(packet[:2], "big")
+    if len(packet) < topic_end + 3 or packet[topic_end + 2] != 0:
+        return None
+    message = mqtt.MQTTMessage(mid=int.from_bytes(packet[topic_end:topic_end + 2], "big"),
+                               topic=bytes(packet[2:topic_end]))
+    message.dup = bool(header & 0x08)
+    message.qos = 1
+    message.retain = bool(header & 0x01)
+    message.payload = bytes(packet[topic_end + 3:])
+    message.timestamp = time.monotonic()  # paho's own clock for it
+    return message

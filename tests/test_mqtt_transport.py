@@ -13,7 +13,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from brokers import wait_for
-from edge_agent.mqtt_transport import BufferedClient, BufferedSocket
+from edge_agent.mqtt_transport import BufferedClient, BufferedSocket, decode_plain_qos1_publish
 
 
 @pytest.fixture
@@ -137,3 +137,31 @@ def test_close_writes_what_was_collected(pair: tuple[BufferedSocket, socket.sock
     sock.send(b"\xe0\x00")  # DISCONNECT: paho closes the socket right after handing it over
     sock.close()
     assert peer.recv(10) == b"\xe0\x00"
+
+
+def _publish_packet(topic: bytes, mid: int, payload: bytes, properties: bytes = b"\x00") -> bytes:
+    """A PUBLISH without its fixed header, as paho hands it to the decoder."""
+    return len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") + properties + payload
+
+
+@pytest.mark.parametrize("header", [0x32, 0x3A, 0x33])  # QoS 1; with dup; with retain
+def test_the_plain_qos1_decoder_agrees_with_paho(header: int) -> None:
+    from paho.mqtt._packet import decode_publish
+
+    packet = _publish_packet(b"edge/gw-1/up/camera.events", 513, b'{"v":1}')
+    ours = decode_plain_qos1_publish(header, packet, mqtt.MQTTv5)
+    paho = decode_publish(header, packet, mqtt.MQTTv5)
+    assert ours is not None
+    assert (ours.topic, ours.mid, ours.payload, ours.qos, ours.dup, ours.retain) == (
+        paho.topic.decode(), paho.mid, paho.payload, paho.qos, paho.dup, paho.retain)
+
+
+@pytest.mark.parametrize("header, packet, protocol", [
+    (0x30, b"\x00\x01t" + b"\x00" + b"payload", mqtt.MQTTv5),  # QoS 0: no packet id
+    (0x34, _publish_packet(b"t", 1, b"p"), mqtt.MQTTv5),  # QoS 2
+    (0x32, _publish_packet(b"t", 1, b"p", properties=b"\x03\x23\x00\x01"), mqtt.MQTTv5),  # a topic alias
+    (0x32, b"\x00\x01t\x00\x01p", mqtt.MQTTv311),  # MQTT 3.1.1: no property length at all
+    (0x32, b"\x00\x09t\x00", mqtt.MQTTv5),  # truncated
+])
+def test_anything_else_is_left_to_paho(header: int, packet: bytes, protocol: int) -> None:
+    assert decode_plain_qos1_publish(header, packet, protocol) is None
