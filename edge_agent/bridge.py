@@ -439,12 +439,18 @@ class Bridge:
         limit = min(MAX_READ_BATCH, self._cfg.max_inflight - self._inflight)
         # Count messages, not calls: one loop_read() reads as many packets as we have QoS 1
         # publishes unconfirmed (the e2e acks), so counting calls let batches grow to ~400.
-        while rc == mqtt.MQTT_ERR_SUCCESS and len(self._incoming) < limit:
+        # Read on only from what is buffered: a recv() that finds nothing is a system call
+        # per message at low rates, and bytes still in the kernel wake the next select at once.
+        while rc == mqtt.MQTT_ERR_SUCCESS and len(self._incoming) < limit and self._buffered():
             before = len(self._incoming)
             rc = self._client.loop_read()
             if len(self._incoming) == before:
                 break  # nothing more buffered (or a non-PUBLISH packet): back to select
         return rc
+
+    def _buffered(self) -> bool:
+        sock = self._client.socket()
+        return bool(sock is not None and sock.pending() > 0)
 
     def _connect_once(self) -> bool:
         """One connection attempt, waiting (bounded) for the CONNACK while serving Kafka."""
