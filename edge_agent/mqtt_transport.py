@@ -18,7 +18,6 @@ a fifth of the bridge's CPU per message. Any other PUBLISH is paho's.
 
 from __future__ import annotations
 
-import socket
 import ssl
 import time
 from typing import Any
@@ -27,7 +26,6 @@ import paho.mqtt.client as mqtt
 
 CHUNK_BYTES = 64 * 1024
 _TRY_AGAIN = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 class BufferedSocket:
@@ -45,7 +43,6 @@ class BufferedSocket:
             # Errors (BlockingIOError, ssl.SSLWantReadError, OSError) reach paho unchanged;
             # b"" (peer closed) too, since the buffer is empty.
             data = self._sock.recv(max(bufsize, self._chunk))
-            self._ack_now()
             if len(data) <= bufsize:
                 return data
             self._data, self._pos = data, 0
@@ -53,20 +50,6 @@ class BufferedSocket:
         out = self._data[self._pos:end]
         self._pos = end
         return out
-
-    def _ack_now(self) -> None:
-        """Have the kernel acknowledge what arrived at once (Linux resets this after a while).
-
-        Mosquitto leaves Nagle's algorithm on by default (set_tcp_nodelay false): it holds
-        the next PUBLISH until our TCP ACK for the last one. We write PUBACKs only once Kafka
-        confirms, so without this our ACKs waited for the kernel's delayed-ACK timer or our
-        next write, and messages reached us in bursts every 10 ms instead of as they came.
-        """
-        if _TCP_QUICKACK is not None:
-            try:
-                self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-            except OSError:
-                pass  # not TCP (a Unix socket): nothing to acknowledge
 
     def pending(self) -> int:
         """Bytes received and not read yet: ours, plus those a TLS layer decrypted."""
