@@ -21,6 +21,7 @@ missing_packages() {
     command -v mosquitto_passwd >/dev/null || pkgs+=(mosquitto)
     command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || pkgs+=(stunnel4)
     command -v openssl >/dev/null || pkgs+=(openssl)
+    command -v shellcheck >/dev/null || pkgs+=(shellcheck)  # tests/test_systemd.py checks install.sh with it
     [ ${#pkgs[@]} -eq 0 ] || printf '%s\n' "${pkgs[@]}" | sort -u
 }
 
