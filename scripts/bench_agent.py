@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the test harness starts a private Mosquitto
 
-from brokers import AgentProcess, free_port, shared_dir, start_mosquitto, wait_for  # noqa: E402
+from brokers import AgentProcess, free_port, process_cpu_seconds, shared_dir, start_mosquitto, wait_for  # noqa: E402
 
 RSS_LIMIT_MB = 250.0
 
@@ -37,11 +37,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def start_acker(port: int) -> mqtt.Client:
@@ -95,12 +90,12 @@ def main() -> int:
             time.sleep(args.warmup)  # a benchmark's measuring window, not a synchronisation
             pid = agent.pid
             assert pid is not None
-            f0, c0, t0 = frames(), cpu_seconds(pid), time.monotonic()
+            f0, c0, t0 = frames(), process_cpu_seconds(pid), time.monotonic()
             rss_samples = []
             while time.monotonic() - t0 < args.seconds:
                 rss_samples.append(rss_mb(pid))
                 time.sleep(1.0)
-            f1, c1, t1 = frames(), cpu_seconds(pid), time.monotonic()
+            f1, c1, t1 = frames(), process_cpu_seconds(pid), time.monotonic()
             status = http.get("/api/v1/status").json()
         finally:
             http.close()

@@ -46,7 +46,8 @@ from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
 from edge_agent.envelope import Envelope  # noqa: E402
-from brokers import TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics, free_port, start_mosquitto, wait_for  # noqa: E402
+from brokers import (TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics, free_port, process_cpu_seconds,  # noqa: E402
+                     start_mosquitto, wait_for)
 
 PREFIX = "bench"
 # One device with one camera: one record key, so that our bridge (key <device>/<camera>), the naive
@@ -322,18 +323,12 @@ def bench_kafka_floor(kafka: str, rate: float, seconds: float, cameras: int = CA
         producer.flush(10)
 
 
-def _process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a running process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _with_cpu_of(pid: int, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run a latency measurement and add the bridge process's CPU share during it: on two cores,
     every bridge's CPU is taken from the broker and the consumer, so it shows in the latency."""
-    cpu, start = _process_cpu_s(pid), time.perf_counter()
+    cpu, start = process_cpu_seconds(pid), time.perf_counter()
     result = measure()
-    result["bridge_cpu_pct"] = round(100 * (_process_cpu_s(pid) - cpu) / (time.perf_counter() - start), 1)
+    result["bridge_cpu_pct"] = round(100 * (process_cpu_seconds(pid) - cpu) / (time.perf_counter() - start), 1)
     return result
 
 

@@ -81,6 +81,12 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a running process has used so far (Linux /proc), for benchmarks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now, BELOW the kernel's ephemeral range.
 
