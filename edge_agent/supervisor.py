@@ -40,10 +40,6 @@ class Worker(Protocol):
 WorkerFactory = Callable[[CameraConfig], Worker]
 
 
-def worker_thread_alive(worker: Worker) -> bool:
-    return worker.alive()
-
-
 @dataclass
 class _Slot:
     camera: CameraConfig
@@ -137,7 +133,7 @@ class CameraSupervisor:
                     continue
                 if slot.worker is not None and now - slot.started_at > self._stable_after_s:
                     slot.failures = 0  # it ran long enough: the next failure starts the backoff afresh
-                if slot.worker is not None and not worker_thread_alive(slot.worker):
+                if slot.worker is not None and not slot.worker.alive():
                     self._failed(slot, "camera worker thread died")
                     self._halt(slot)
                 if slot.worker is None and now >= slot.next_try:
@@ -149,7 +145,7 @@ class CameraSupervisor:
         now = self._clock()
         with self._lock:
             return [cam_id for cam_id, slot in self._slots.items()
-                    if slot.worker is not None and worker_thread_alive(slot.worker)
+                    if slot.worker is not None and slot.worker.alive()
                     and now - slot.worker.heartbeat() > self._stuck_after_s]
 
     def healthy(self) -> bool:
