@@ -17,10 +17,9 @@ give up the GIL (up to the 5 ms switch interval), which capped the drain rate
 and made the latency tail. In one thread the reports cost no hand-over. While
 Kafka owes reports, the loop waits on the MQTT socket for at most
 ``KAFKA_WAIT_S`` at a time (a message wakes it at once). The HTTP API's thread
-only calls ``submit``
-(``Producer.produce`` is thread-safe). The MQTT socket is read and written in
-chunks (``mqtt_transport``): paho's own reads and writes were a system call per
-packet field.
+only calls ``submit`` (``Producer.produce`` is thread-safe). The MQTT socket is
+read and written in chunks (``mqtt_transport``): paho's own reads and writes
+were a system call per packet field.
 
 Policy for failures (see README "The bridge"):
 
