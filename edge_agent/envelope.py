@@ -5,12 +5,21 @@ from __future__ import annotations
 import os
 import time
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import uuid6
 from pydantic import BaseModel, ConfigDict, Field
 
 ENVELOPE_VERSION = 1
+# The largest envelope the bridge forwards whole (its max_message_bytes default); the agent
+# refuses a bigger one up front instead of letting the bridge dead-letter it.
+MAX_MESSAGE_BYTES = 1_000_000
+
+# The envelope's field rules, shared by the Envelope and by the Draft a producer hands in,
+# so that whatever the outbox accepts is a valid envelope.
+EventType = Annotated[str, Field(min_length=1, max_length=128)]
+TraceId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+CameraId = Annotated[str, Field(max_length=128)]
 
 
 def new_id() -> str:
@@ -38,11 +47,11 @@ class Envelope(BaseModel):
     v: Literal[1] = ENVELOPE_VERSION
     id: str = Field(min_length=1, max_length=64)
     device_id: str = Field(min_length=1, max_length=128)
-    camera_id: str | None = None
+    camera_id: CameraId | None = None
     seq: int = Field(ge=1)
-    type: str = Field(min_length=1, max_length=128)
+    type: EventType
     ts: str
-    trace_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    trace_id: TraceId
     correlation_id: str | None = None
     data: dict[str, Any] = {}
 
@@ -77,8 +86,8 @@ class Draft(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stream: str
-    type: str
+    type: EventType
     data: dict[str, Any] = {}
-    camera_id: str | None = None
-    trace_id: str | None = None
+    camera_id: CameraId | None = None
+    trace_id: TraceId | None = None
     correlation_id: str | None = None
