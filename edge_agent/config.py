@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .envelope import MAX_MESSAGE_BYTES
+
 STREAMS: tuple[str, ...] = ("camera.events", "ai.inference.results", "notifications", "audit.logs")
 # Lowest priority first: an overflowing outbox drops from the front of this list.
 STREAM_PRIORITY: tuple[str, ...] = ("ai.inference.results", "camera.events", "notifications", "audit.logs")
@@ -106,6 +108,9 @@ class OutboxConfig(Strict):
     overflow: Literal["drop_oldest", "refuse"] = "drop_oldest"
     fsync: Literal["always", "batch", "never"] = "batch"
     batch_max: int = Field(512, ge=1)  # most puts in one group commit
+    # The largest envelope the outbox takes (413 on the local API): keep it at or under the bridge's
+    # max_message_bytes, or the bridge dead-letters what the agent accepted.
+    max_message_bytes: int = Field(MAX_MESSAGE_BYTES, ge=4096)
 
     _parse_size = field_validator("max_bytes", mode="before")(lambda cls, v: parse_bytes(v))
 
@@ -177,6 +182,13 @@ class HttpConfig(Strict):
         return host.strip("[]"), int(port)
 
 
+class AgentHttpConfig(HttpConfig):
+    # Bounds of the loopback server: beyond max_connections a new connection gets 503 at once,
+    # and a connection that sends nothing for read_timeout_s is closed (no thread per idle socket).
+    max_connections: int = Field(64, ge=1, le=1024)
+    read_timeout_s: float = Field(10.0, gt=0, le=300)
+
+
 class CommandsConfig(Strict):
     enabled: bool = True
     hmac_secret_env: str | None = None
@@ -190,7 +202,7 @@ class AgentConfig(Strict):
     model: ModelConfig = ModelConfig()
     cameras: list[CameraConfig] = []
     report: ReportConfig = ReportConfig()
-    http: HttpConfig = HttpConfig()
+    http: AgentHttpConfig = AgentHttpConfig()
     commands: CommandsConfig = CommandsConfig()
     log: LogConfig = LogConfig()
     state_dir: Path | None = None  # persisted counters etc.; default: beside the outbox

@@ -2,8 +2,10 @@
 
 Threads, one job each: the outbox writer, the uplink (MQTT), the loopback HTTP server,
 the command worker, the config watcher, and per camera a reader and a processing
-thread. The main thread only waits for signals, supervises the cameras, pings the
-systemd watchdog while nothing is stuck, and shuts everything down in order.
+thread. The outbox writer, the uplink and the HTTP server restart themselves after a
+crash (``SupervisedThread``); ``Health`` gathers them with the cameras. The main thread
+only waits for signals, supervises the cameras, pings the systemd watchdog while no part
+is dead or stuck, and shuts everything down in order.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .config import AgentConfig, ModelConfig, env_secret
 from .envelope import Draft, Envelope
 from .liveconfig import ConfigChange, ConfigRejected, LiveConfig
 from .outbox import Outbox
+from .supervised import Check, Health
 from .supervisor import CameraSupervisor, Worker
 from .uplink import Uplink
 
@@ -72,14 +75,20 @@ class Agent:
         self.live = live
         self.started_at = time.time()
         self.stop_requested = threading.Event()
+        self.health = Health()
         self.outbox = Outbox(cfg.outbox, cfg.device_id)
         self.uplink = Uplink(cfg.mqtt, cfg.device_id, self.outbox)
         host, port = cfg.http.host_port
-        self.http = AgentHttp(host, port, self.outbox, self.status)
+        self.http = AgentHttp(host, port, self.outbox, self.status, health=self.health.healthz,
+                              max_body=cfg.outbox.max_message_bytes, max_connections=cfg.http.max_connections,
+                              read_timeout_s=cfg.http.read_timeout_s)
         self._notify = sdnotify.SystemdNotifier()
         self._detectors: dict[str, Any] = {}  # one ONNX session per model config, shared by cameras
         self._detector_lock = threading.Lock()
         self.supervisor = CameraSupervisor(self._make_worker, emit=self.emit)
+        for part in (self.outbox.thread, Check("outbox", self.outbox.storage_problem), self.uplink.thread,
+                     self.http.thread, Check("cameras", lambda: self.supervisor.failing())):
+            self.health.add(part)
         self.commands: CommandProcessor | None = None
         if cfg.commands.enabled:
             self.commands = CommandProcessor(
@@ -141,6 +150,7 @@ class Agent:
             "outbox": {k: ob[k] for k in ("depth", "bytes", "max_bytes", "oldest_age_s", "by_stream", "inflight")},
             "mqtt": self.uplink.status(),
             "cameras": self.supervisor.status(),
+            "health": self.health.healthz()[1],
         }
         if self.live is not None:
             out["config_version"] = self.live.state.version
@@ -195,10 +205,13 @@ class Agent:
         if self.commands is not None:
             self.commands.start()
         self.uplink.start()
-        self.emit(Draft(stream="camera.events", type="agent.started",
-                        data={"version": __version__, "cameras": [c.id for c in self.cfg.cameras],
-                              "config_version": self.live.state.version if self.live else None,
-                              "outbox_reset": self.outbox.reset_report}))
+        try:
+            self.emit(Draft(stream="camera.events", type="agent.started",
+                            data={"version": __version__, "cameras": [c.id for c in self.cfg.cameras],
+                                  "config_version": self.live.state.version if self.live else None,
+                                  "outbox_reset": self.outbox.reset_report}))
+        except Exception:  # noqa: BLE001 - a full disk must not keep the agent from starting (and saying so)
+            log.exception("cannot record agent.started")
         self.supervisor.start(self.cfg.cameras)
         if self.live is not None:
             self.live.start_watching()
@@ -208,17 +221,20 @@ class Agent:
     def run_until_stopped(self) -> None:
         interval = watchdog_interval_s()
         last_ping = 0.0
-        stuck_logged: list[str] = []
+        unhealthy_logged: dict[str, Any] = {}
         while not self.stop_requested.wait(TICK_S):
             self.supervisor.check()
-            stuck = self.supervisor.stuck()
-            if stuck:
-                # No ping: systemd kills and restarts us; a hung native call cannot be undone here.
-                if stuck != stuck_logged:
-                    log.error("cameras stuck: %s; withholding the watchdog ping", ", ".join(stuck))
-                stuck_logged = stuck
+            status, health = self.health.healthz()
+            if status != 200:
+                # No ping: systemd kills and restarts us; a dead part or a hung native call cannot be
+                # undone here.
+                why = {name: health["parts"][name].get("last_error") for name in health["dead"]}
+                if why != unhealthy_logged:
+                    log.error("unhealthy: %s; withholding the watchdog ping",
+                              "; ".join(f"{name} ({err})" for name, err in why.items()))
+                unhealthy_logged = why
                 continue
-            stuck_logged = []
+            unhealthy_logged = {}
             now = time.monotonic()
             if now - last_ping >= interval:
                 self._notify.notify("WATCHDOG=1")

@@ -15,6 +15,7 @@ payloads stay on disk.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import queue
@@ -30,11 +31,14 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import diskcache
+from pydantic import ValidationError
 
 from . import metrics
 from .config import STREAM_PRIORITY, STREAMS, OutboxConfig
 from .envelope import Draft, Envelope, build, encode, utc_now_iso
 from .files import atomic_write
+from .logs import clip
+from .supervised import SupervisedThread
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,10 @@ _SYNCHRONOUS = {"always": 2, "batch": 2, "never": 0}  # SQLite PRAGMA synchronou
 _SIDECAR_EVERY = 1000  # the seq high-water mark beside the outbox is refreshed this often
 _CORRUPT_SEQ_MARGIN = 2 * _SIDECAR_EVERY
 _OVERFLOW_REPORT_EVERY_S = 1.0  # overflow reports are coalesced: they take room themselves
+# What an envelope adds to the JSON of its Draft, at most: "v", "id" (36), "seq" (19 digits),
+# "ts" (24), a generated trace id, and the keys of "device_id" (its value is added separately).
+_ENVELOPE_OVERHEAD = 200
+_READ_RETRY_S = 1.0  # after a transient read error (locked, I/O) the uplink gets nothing this long
 
 
 _WAKE = object()  # queued to make the writer apply pending deletes
@@ -52,14 +60,57 @@ class OutboxFull(Exception):
     """The outbox is at ``max_bytes`` and its policy refuses the entry."""
 
 
+class OutboxDiskFull(OutboxFull):
+    """The disk under the outbox is full (SQLite "database or disk is full", ENOSPC)."""
+
+
 class OutboxClosed(Exception):
     pass
+
+
+class OutboxBusy(Exception):
+    """A transient read error: the entry is still there, try again later."""
+
+
+class _StoreFailed(Exception):
+    """The transaction of a commit failed: nothing of it is stored (the writer's own signal)."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+class EnvelopeTooLarge(ValueError):
+    """The entry's envelope would be over ``max_message_bytes``: the bridge would not forward it whole."""
+
+
+class OutboxUnavailable(Exception):
+    """The outbox could not store the entry (a storage error other than a full disk)."""
 
 
 @dataclass
 class _Put:
     draft: Draft
     future: Future = field(default_factory=Future)
+
+
+def refusal_reason(e: BaseException) -> str:
+    """A put's failure as a metric label (``edge_outbox_dropped_total{reason}``)."""
+    for kind, reason in ((OutboxDiskFull, "disk_full"), (OutboxFull, "full"), (OutboxClosed, "closed"),
+                         (EnvelopeTooLarge, "too_large"), (ValidationError, "invalid")):
+        if isinstance(e, kind):
+            return reason
+    return "error"
+
+
+def _storage_error(e: BaseException) -> Exception:
+    """What a failed store means to the one who put the entry."""
+    if isinstance(e, (OutboxFull, OutboxClosed)):
+        return e
+    if (isinstance(e, sqlite3.OperationalError) and "full" in str(e)) or (
+            isinstance(e, OSError) and e.errno == errno.ENOSPC):
+        return OutboxDiskFull(f"disk full: the outbox cannot store more ({e})")
+    return OutboxUnavailable(f"outbox cannot store: {type(e).__name__}: {e}")
 
 
 @dataclass
@@ -83,10 +134,14 @@ def stored_entries(cache: diskcache.Cache) -> Iterator[tuple[int, str, bytes, in
     for key in cache.iterkeys():
         if not isinstance(key, int):  # the seq counter lives beside the entries
             continue
-        value = cache.get(key)
+        try:
+            value = cache.get(key)
+            stream, payload = _unpack(value) if value is not None else ("", b"")
+        except Exception as e:  # noqa: BLE001 - one damaged row must not hide (or stop) the rest
+            log.error("outbox entry %s is unreadable and skipped: %s", key, clip(f"{type(e).__name__}: {e}"))
+            continue
         if value is None:
             continue
-        stream, payload = _unpack(value)
         yield key, stream, payload, len(value)
 
 
@@ -112,6 +167,7 @@ def seq_ranges(seqs: Iterable[int]) -> list[list[int]]:
 
 class Outbox:
     def __init__(self, cfg: OutboxConfig, device_id: str):
+        build(device_id, 1, "probe", {})  # a device id the envelope refuses fails at start, not every put
         self.cfg = cfg
         self.device_id = device_id
         self.path = Path(cfg.path)
@@ -133,8 +189,10 @@ class Outbox:
         self._closed = False
         self._overflow_pending: dict[str, list[int]] = {}
         self._overflow_reported_at = 0.0
-        self._writer = threading.Thread(target=self._write_loop, name="outbox-writer", daemon=True)
-        self._writer.start()
+        self._read_blocked_until = 0.0
+        self.last_store_error: Exception | None = None  # the last commit's storage error, None once one succeeds
+        self.thread = SupervisedThread("outbox-writer", self._write_loop)
+        self.thread.start()
         self._refresh_gauges(force=True)
         if self.reset_report:
             self._emit_reset_event()
@@ -216,14 +274,28 @@ class Outbox:
     # --- producing --------------------------------------------------------------------
 
     def put(self, draft: Draft, timeout: float | None = 30.0) -> Envelope:
-        """Store one entry; returns once it is durable (per the fsync policy)."""
+        """Store one entry; returns once it is durable (per the fsync policy).
+
+        The entry is checked here, in the caller's thread, so that a bad one fails alone and
+        never reaches a group commit: the Draft carries the envelope's field rules (pydantic
+        ValidationError when it was built), and its size bounds the envelope's (EnvelopeTooLarge).
+        """
         if draft.stream not in self._unsent:
             raise ValueError(f"unknown stream {draft.stream!r}; one of {', '.join(STREAMS)}")
         if self._closed:
             raise OutboxClosed("outbox is closed")
+        self._check_size(draft)
         item = _Put(draft)
         self._queue.put(item)
         return item.future.result(timeout=timeout)
+
+    def _check_size(self, draft: Draft) -> None:
+        # An upper bound, not the envelope itself: building it here (ids, time, validation) would
+        # slow the producers enough that the writer's group commits shrink.
+        size = len(draft.model_dump_json()) + len(self.device_id) + _ENVELOPE_OVERHEAD
+        if size > self.cfg.max_message_bytes:
+            raise EnvelopeTooLarge(f"the envelope would be over max_message_bytes {self.cfg.max_message_bytes} "
+                                   f"(about {size} bytes)")
 
     # --- the writer thread ------------------------------------------------------------
 
@@ -233,29 +305,83 @@ class Outbox:
                 first = self._queue.get(timeout=_OVERFLOW_REPORT_EVERY_S)
             except queue.Empty:
                 self._maybe_report_overflow()
+                self._recheck_storage()
                 continue
             if first is None:
                 self._apply_deletes()
                 self._maybe_report_overflow(final=True)
                 return
-            batch = [first] if isinstance(first, _Put) else []
-            limit = 1 if self.cfg.fsync == "always" else self.cfg.batch_max
-            while len(batch) < limit:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # finish this batch, then stop
-                    break
-                if isinstance(nxt, _Put):
-                    batch.append(nxt)
-            self._apply_deletes()
-            if batch:
-                self._commit_puts(batch)
-            self._maybe_report_overflow()
+            batch = self._gather_batch(first)
+            try:
+                self._apply_deletes()
+                if batch:
+                    self._commit_puts(batch)
+                self._maybe_report_overflow()
+            except BaseException as e:
+                # A bug of ours: nobody waits forever on this batch; the supervisor restarts us.
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(_storage_error(e))
+                raise
+
+    def _gather_batch(self, first: _Put | object) -> list[_Put]:
+        batch = [first] if isinstance(first, _Put) else []
+        limit = 1 if self.cfg.fsync == "always" else self.cfg.batch_max
+        while len(batch) < limit:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._queue.put(None)  # finish this batch, then stop
+                break
+            if isinstance(nxt, _Put):
+                batch.append(nxt)
+        return batch
 
     def _commit_puts(self, batch: list[_Put]) -> None:
+        """One transaction for the batch; if it fails, each entry alone, so a failure stays its own."""
+        try:
+            self._commit_together(batch)
+        except _StoreFailed as e:
+            if len(batch) == 1:
+                self._fail_put(batch[0], e.error)
+                return
+            log.warning("outbox group commit of %d entries failed (%s); storing them one by one",
+                        len(batch), clip(str(e.error)))
+            for item in batch:
+                try:
+                    self._commit_together([item])
+                except _StoreFailed as one:
+                    self._fail_put(item, one.error)
+
+    def _fail_put(self, item: _Put, error: BaseException) -> None:
+        failure = _storage_error(error)
+        if isinstance(failure, (OutboxDiskFull, OutboxUnavailable)):
+            log.error("outbox cannot store a %s entry: %s", item.draft.stream, clip(str(error)))
+            self.last_store_error = failure
+        item.future.set_exception(failure)
+
+    def _recheck_storage(self) -> None:
+        """After a storage error, one small write per idle second tells when the outbox works again
+        (health must not stay 503 only because no entry came to prove it)."""
+        if not isinstance(self.last_store_error, OutboxUnavailable):
+            return
+        try:
+            with self._cache.transact():
+                self._cache.set(_SEQ_KEY, self._seq)
+        except Exception:  # noqa: BLE001 - still failing: health keeps saying so
+            return
+        log.info("outbox stores again")
+        self.last_store_error = None
+
+    def storage_problem(self) -> str | None:
+        """Why the outbox cannot store at all (health): a storage error other than a full disk."""
+        error = self.last_store_error
+        return str(error) if isinstance(error, OutboxUnavailable) else None
+
+    def _commit_together(self, batch: list[_Put]) -> None:
+        """Store the batch in one transaction (all or nothing); settles the puts only once committed."""
         results: list[tuple[_Put, Envelope | BaseException]] = []
         # (seq, stream, size, bytes staged so far): indexed only once committed
         staged: list[tuple[int, str, int, int]] = []
@@ -266,16 +392,13 @@ class Outbox:
                 for item in batch:
                     try:
                         results.append((item, self._store_one(item.draft, staged, overflow)))
-                    except OutboxFull as e:
+                    except (OutboxFull, ValidationError) as e:  # this one fails alone; the others go on
                         results.append((item, e))
                 self._cache.set(_SEQ_KEY, self._seq)
-        except BaseException as e:  # noqa: BLE001 - a failed commit fails every put in it
-            log.error("outbox commit failed: %s", e)
-            self._seq = first_seq
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
-            return
+        except Exception as e:  # noqa: BLE001 - any storage error: the caller decides per put
+            self._seq = first_seq  # nothing of the batch is stored: its seqs are free again
+            raise _StoreFailed(e) from e
+        self.last_store_error = None
         with self._lock:
             for seq, stream, size, _ in staged:
                 self._unsent[stream].append(seq)
@@ -358,14 +481,26 @@ class Outbox:
         self._overflow_reported_at = now
         data = {"dropped": {s: seq_ranges(seqs) for s, seqs in pending.items()},
                 "count": sum(len(v) for v in pending.values()), "max_bytes": self.cfg.max_bytes}
-        log.warning("outbox overflow: dropped %d entries %s", data["count"], data["dropped"])
+        log.warning("outbox overflow: dropped %d entries %s", data["count"], clip(data["dropped"], 2000))
+        report = Draft(stream="camera.events", type="outbox.overflow", data=data)
+        try:
+            self._check_size(report)
+        except EnvelopeTooLarge:  # too many scattered ranges for one envelope: their span and count
+            data["dropped"] = {s: [[min(seqs), max(seqs)]] for s, seqs in pending.items()}
+            report = Draft(stream="camera.events", type="outbox.overflow", data={**data, "ranges_truncated": True})
         # We are on the writer thread: commit the report here rather than wait on our own queue.
-        self._commit_puts([_Put(Draft(stream="camera.events", type="outbox.overflow", data=data))])
+        self._commit_puts([_Put(report)])
 
     # --- consuming (the uplink) -------------------------------------------------------
 
     def take_unsent(self, limit: int) -> list[StoredEntry]:
-        """Up to ``limit`` entries not yet sent, highest-priority stream first, FIFO within a stream."""
+        """Up to ``limit`` entries not yet sent, highest-priority stream first, FIFO within a stream.
+
+        An entry that cannot be read is dropped (logged and counted); a transient read error
+        puts the rest back and pauses taking for a moment.
+        """
+        if time.monotonic() < self._read_blocked_until:
+            return []
         picked: list[tuple[int, str]] = []
         with self._lock:
             for stream in reversed(STREAM_PRIORITY):
@@ -375,21 +510,51 @@ class Outbox:
                     self._inflight[seq] = stream
                     picked.append((seq, stream))
         out = []
-        for seq, stream in picked:
-            value = self._cache.get(seq)
-            if value is None:  # acked or dropped meanwhile
+        for i, (seq, stream) in enumerate(picked):
+            try:
+                entry = self.get(seq)
+            except OutboxBusy:
+                self.requeue(s for s, _ in picked[i:])
+                break
+            if entry is None:  # acked or dropped meanwhile
                 with self._lock:
                     self._inflight.pop(seq, None)
                 continue
-            out.append(StoredEntry(seq, stream, _unpack(value)[1]))
+            out.append(entry)
         return out
 
     def get(self, seq: int) -> StoredEntry | None:
-        value = self._cache.get(seq)
-        if value is None:
+        """The stored entry; None when it is gone (acked, dropped, or unreadable and now dropped).
+
+        Raises OutboxBusy on a transient read error (locked, I/O): the entry stays.
+        """
+        try:
+            value = self._cache.get(seq)
+            return None if value is None else StoredEntry(seq, *_unpack(value))
+        except (sqlite3.OperationalError, diskcache.Timeout, OSError) as e:
+            self._read_blocked_until = time.monotonic() + _READ_RETRY_S
+            log.warning("outbox read of seq %s failed, retrying in %.0f s: %s", seq, _READ_RETRY_S,
+                        clip(str(e)))
+            raise OutboxBusy(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - a damaged row (bad page, undecodable value)
+            self._drop_unreadable(seq, e)
             return None
-        stream, payload = _unpack(value)
-        return StoredEntry(seq, stream, payload)
+
+    def _drop_unreadable(self, seq: int, error: Exception) -> None:
+        with self._lock:
+            stream = self._stream_of_pending.get(seq, "?")
+            self._drop_from_index(seq)
+        metrics.OUTBOX_DROPPED.labels(stream=stream, reason="unreadable").inc()
+        log.error("outbox entry %s (%s) is unreadable and dropped: %s", seq, stream,
+                  clip(f"{type(error).__name__}: {error}"), extra={"seq": seq, "stream": stream})
+        self._deletes.put([seq])
+        self._queue.put(_WAKE)
+
+    def requeue_inflight(self) -> None:
+        """Every in-flight entry back to the front of its stream (after a reconnect or an uplink crash)."""
+        with self._lock:
+            seqs = list(self._inflight)
+        self.requeue(seqs)
 
     def requeue(self, seqs: Iterable[int]) -> None:
         """In-flight entries go back to the front of their stream (after a reconnect)."""
@@ -448,7 +613,10 @@ class Outbox:
             return 0.0
         oldest = min(heads)
         if self._oldest_ts is None or self._oldest_ts[0] != oldest:
-            entry = self.get(oldest)
+            try:
+                entry = self.get(oldest)
+            except OutboxBusy:
+                return 0.0
             if entry is None:
                 return 0.0
             self._oldest_ts = (oldest, envelope_time(entry.payload))
@@ -459,7 +627,8 @@ class Outbox:
         with self._lock:
             return {"depth": len(self._stream_of_pending), "bytes": self._bytes,
                     "max_bytes": self.cfg.max_bytes, "inflight": len(self._inflight),
-                    "oldest_age_s": age, "next_seq": self._seq + 1, "by_stream": dict(self._count)}
+                    "oldest_age_s": age, "next_seq": self._seq + 1, "by_stream": dict(self._count),
+                    "last_store_error": str(self.last_store_error) if self.last_store_error else None}
 
     def _refresh_gauges(self, force: bool = False) -> None:
         # At thousands of acks a second the gauges need not follow every one.
@@ -477,8 +646,9 @@ class Outbox:
         if self._closed:
             return
         self._closed = True
+        self.thread.stop_restarting()
         self._queue.put(None)
-        self._writer.join(timeout=30)
+        self.thread.join(timeout=30)
         self._refresh_gauges(force=True)
         self._write_sidecar(self._seq)
         self._cache.close()

@@ -29,6 +29,8 @@ from .config import CameraConfig, LineConfig, ModelConfig, ZoneConfig
 from .count import CounterStore, Crossing, LineCounter, LineTotals, ZoneCounter
 from .detect import LOW_SCORE_FLOOR, Detections, Detector, ModelFormatError, UnknownClassError
 from .envelope import Draft, iso_utc
+from .logs import clip
+from .outbox import refusal_reason
 from .track import ByteTracker, TrackedObject, iou_matrix
 
 log = logging.getLogger(__name__)
@@ -351,6 +353,21 @@ class _Interval:
     occupancy_sum: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     occupancy_max: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
+    def absorb(self, earlier: "_Interval") -> None:
+        """Take in a report that could not be stored, so that the next one still carries its counts."""
+        self.started_wall, self.started = earlier.started_wall, earlier.started
+        self.frames += earlier.frames
+        self.skipped += earlier.skipped
+        self.inference_ms += earlier.inference_ms
+        for line, dirs in earlier.totals.lines.items():
+            for direction, classes in dirs.items():
+                for cls, n in classes.items():
+                    self.totals.lines[line][direction][cls] += n
+        for zone, n in earlier.occupancy_sum.items():
+            self.occupancy_sum[zone] += n
+        for zone, n in earlier.occupancy_max.items():
+            self.occupancy_max[zone] = max(self.occupancy_max[zone], n)
+
 
 class CameraWorker:
     """One camera in the daemon: a reader thread and a processing thread; events go to ``emit``."""
@@ -433,12 +450,21 @@ class CameraWorker:
         return buf.tobytes() if ok else None
 
     # --- events ----------------------------------------------------------------------------
-    def _emit(self, stream: str, type_: str, data: dict) -> None:
-        """Hand an event to the outbox; a full or failing outbox must not stop the camera."""
+    def _emit(self, stream: str, type_: str, data: dict) -> bool:
+        """Hand an event to the outbox; False when it could not be stored (logged and counted).
+
+        A full or failing outbox must not stop the camera: counting goes on, and the counts
+        stay in the camera's totals for the next interval report.
+        """
         try:
             self.emit(Draft(stream=stream, type=type_, data=data, camera_id=self.camera.id))
-        except Exception as e:  # OutboxFull and friends: logged, counting goes on
-            log.warning("camera %s: could not queue %s: %s: %s", self.camera.id, type_, type(e).__name__, e)
+            return True
+        except Exception as e:  # OutboxFull, a full disk and friends
+            reason = refusal_reason(e)
+            metrics.OUTBOX_DROPPED.labels(stream=stream, reason=reason).inc()
+            log.error("camera %s: could not store %s (%s): %s", self.camera.id, type_, reason,
+                      clip(f"{type(e).__name__}: {e}"), extra={"camera_id": self.camera.id})
+            return False
 
     def _on_camera_event(self, type_: str, data: dict) -> None:
         if type_ == "camera.stream_error":
@@ -575,5 +601,7 @@ class CameraWorker:
                 "lines": {lid: {**interval_counts[lid], "cumulative": cumulative[lid]} for lid in interval_counts},
                 "zones": {z.id: {"avg": round(iv.occupancy_sum[z.id] / iv.frames, 3) if iv.frames else 0.0,
                                  "max": iv.occupancy_max[z.id]} for z in self.camera.zones}}
-        self._emit("ai.inference.results", "counting.interval", data)
+        if not self._emit("ai.inference.results", "counting.interval", data):
+            with self._lock:
+                self._interval.absorb(iv)
         self._save_counts(now)

@@ -3,9 +3,12 @@
 The supervisor owns one slot per configured camera. A worker that cannot be built
 (bad model, unreadable state dir) or whose processing thread died is rebuilt with
 exponential backoff. A worker whose thread is alive but whose heartbeat stopped is
-*stuck* (a hung native call cannot be interrupted from Python): the supervisor says
-so through ``healthy()``, the daemon stops its watchdog pings, and systemd restarts
-the whole process. Sources that fail are the reader's business (it reconnects).
+*stuck* (a hung native call cannot be interrupted from Python); a worker whose thread
+keeps dying (more than ``max_deaths`` within ``death_window_s``) is *dead* and no
+longer rebuilt. Either way ``failing()`` says so, ``/healthz`` answers 503, the daemon
+stops its watchdog pings, and systemd restarts the whole process. A worker that cannot
+be built keeps being retried (an unreachable camera is not a bug), and sources that
+fail are the reader's business (it reconnects).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from .config import CameraConfig
@@ -49,12 +53,15 @@ class _Slot:
     started_at: float = 0.0
     last_error: str | None = None
     restarts: int = 0
+    deaths: deque[float] = field(default_factory=deque)  # when its thread died, within the window
+    dead: bool = False  # died too often: not rebuilt until restarted by hand or by a config change
 
 
 class CameraSupervisor:
     def __init__(self, factory: WorkerFactory, *, emit: Callable[[Draft], Any] | None = None,
                  stuck_after_s: float = 30.0, backoff_min_s: float = 1.0, backoff_max_s: float = 60.0,
                  stable_after_s: float = 60.0, stop_timeout_s: float = 5.0,
+                 max_deaths: int = 5, death_window_s: float = 600.0,
                  clock: Callable[[], float] = time.monotonic):
         self._factory = factory
         self._emit = emit
@@ -63,6 +70,8 @@ class CameraSupervisor:
         self._backoff_max_s = backoff_max_s
         self._stable_after_s = stable_after_s
         self._stop_timeout_s = stop_timeout_s
+        self._max_deaths = max_deaths
+        self._death_window_s = death_window_s
         self._clock = clock
         self._slots: dict[str, _Slot] = {}
         self._lock = threading.RLock()  # commands, live config and the main loop all come here
@@ -118,6 +127,8 @@ class CameraSupervisor:
             slot = self._slot(camera_id)
             self._halt(slot)
             slot.failures, slot.next_try = 0, 0.0
+            slot.deaths.clear()
+            slot.dead = False
             slot.restarts += 1
             if slot.camera.enabled:
                 self._launch(slot)
@@ -134,9 +145,9 @@ class CameraSupervisor:
                 if slot.worker is not None and now - slot.started_at > self._stable_after_s:
                     slot.failures = 0  # it ran long enough: the next failure starts the backoff afresh
                 if slot.worker is not None and not slot.worker.alive():
-                    self._failed(slot, "camera worker thread died")
+                    self._died(slot, now)
                     self._halt(slot)
-                if slot.worker is None and now >= slot.next_try:
+                if slot.worker is None and not slot.dead and now >= slot.next_try:
                     slot.restarts += 1
                     self._launch(slot)
 
@@ -148,8 +159,18 @@ class CameraSupervisor:
                     if slot.worker is not None and slot.worker.alive()
                     and now - slot.worker.heartbeat() > self._stuck_after_s]
 
+    def dead(self) -> list[str]:
+        """Cameras whose worker thread died more often than the restart budget allows."""
+        with self._lock:
+            return [cam_id for cam_id, slot in self._slots.items() if slot.dead]
+
+    def failing(self) -> str | None:
+        """Why the cameras make the process unhealthy (stuck or dead ones), or None."""
+        problems = [f"{cam_id} stuck" for cam_id in self.stuck()] + [f"{cam_id} dead" for cam_id in self.dead()]
+        return ", ".join(problems) or None
+
     def healthy(self) -> bool:
-        return not self.stuck()
+        return self.failing() is None
 
     # --- queries ------------------------------------------------------------------------
 
@@ -169,6 +190,8 @@ class CameraSupervisor:
             for cam_id, slot in self._slots.items():
                 if not slot.camera.enabled:
                     info: dict = {"id": cam_id, "state": "disabled"}
+                elif slot.dead:
+                    info = {"id": cam_id, "state": "dead"}
                 elif slot.worker is None:
                     info = {"id": cam_id, "state": "failed",
                             "retry_in_s": round(max(0.0, slot.next_try - self._clock()), 1)}
@@ -201,6 +224,18 @@ class CameraSupervisor:
             return
         slot.worker = worker
         slot.started_at = self._clock()
+
+    def _died(self, slot: _Slot, now: float) -> None:
+        """The worker's thread ended on its own: rebuild it, unless that keeps happening."""
+        slot.deaths.append(now)
+        while slot.deaths and slot.deaths[0] < now - self._death_window_s:
+            slot.deaths.popleft()
+        self._failed(slot, "camera worker thread died")
+        if len(slot.deaths) > self._max_deaths:
+            slot.dead = True
+            log.critical("camera %s: worker died %d times in %.0f s; giving up, the process reports unhealthy",
+                         slot.camera.id, len(slot.deaths), self._death_window_s,
+                         extra={"camera_id": slot.camera.id})
 
     def _failed(self, slot: _Slot, reason: str) -> None:
         slot.failures += 1

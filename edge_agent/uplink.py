@@ -26,7 +26,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from . import metrics
 from .config import AgentMqttConfig, MqttConfig, env_secret
 from .envelope import utc_now_iso
-from .outbox import Outbox
+from .logs import clip
+from .outbox import Outbox, OutboxBusy
+from .supervised import SupervisedThread
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ _MAX_ACK_RANGE = 1_000_000  # an ack naming more seqs than this is malformed
 # Publishes awaiting the broker's PUBACK. paho walks its whole outgoing queue on every PUBACK,
 # so we hand it no more than this at a time (the end-to-end window is separate and larger).
 _PUBACK_WINDOW = 200
+# MQTT v5's largest packet (the Remaining Length limit): what a broker that names no
+# Maximum Packet Size in its CONNACK accepts.
+MQTT_MAX_PACKET_SIZE = 268_435_455
 
 
 @dataclass
@@ -59,7 +64,10 @@ def configure_transport(client: mqtt.Client, cfg: MqttConfig) -> None:
 
 def parse_ack(payload: bytes) -> list[tuple[int, int]]:
     """``{"seq": [[from, to], ...]}`` -> ranges; raises ValueError on anything else."""
-    doc = json.loads(payload)
+    try:
+        doc = json.loads(payload)
+    except RecursionError:  # deep nesting is just another malformed ack
+        raise ValueError("ack nested too deeply") from None
     ranges = doc.get("seq") if isinstance(doc, dict) else None
     if not isinstance(ranges, list):
         raise ValueError("ack without a seq list")
@@ -93,8 +101,10 @@ class Uplink:
         self._resend_requested = threading.Event()  # flush_outbox: resend every unacked entry now
         self.last_error: str | None = None
         self.refused_total = 0
+        self._max_packet_size = MQTT_MAX_PACKET_SIZE
         self._client = self._new_client()
-        self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
+        # A crash (a bug of ours, a library surprise) restarts the loop with a fresh client.
+        self.thread = SupervisedThread("uplink", self._run, on_restart=self._reset_after_crash)
 
     # --- public -----------------------------------------------------------------------
 
@@ -102,12 +112,13 @@ class Uplink:
         self._command_handler = handler
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish the offline status, disconnect and stop the thread."""
         self._stop.set()
-        self._thread.join(timeout)
+        self.thread.stop_restarting()
+        self.thread.join(timeout)
 
     @property
     def connected(self) -> bool:
@@ -122,6 +133,10 @@ class Uplink:
             props.CorrelationData = correlation_data
         self._client.publish(topic, payload, qos=qos, properties=props)
 
+    def max_packet_size(self) -> int:
+        """The largest MQTT packet the broker takes: its CONNACK's Maximum Packet Size, else MQTT's limit."""
+        return self._max_packet_size
+
     def resend_now(self) -> None:
         """Send every unacked entry again at the next loop turn, ignoring the ack-timeout backoff."""
         self._resend_requested.set()
@@ -129,7 +144,7 @@ class Uplink:
     def status(self) -> dict:
         return {"connected": self.connected, "host": self.cfg.host, "port": self.cfg.port,
                 "inflight": len(self._inflight), "refused_total": self.refused_total,
-                "last_error": self.last_error}
+                "last_error": self.last_error, "thread": self.thread.report()}
 
     # --- the client -------------------------------------------------------------------
 
@@ -157,6 +172,7 @@ class Uplink:
             self.last_error = f"connect refused: {reason_code}"
             log.error("MQTT connect refused: %s", reason_code)
             return
+        self._max_packet_size = getattr(properties, "MaximumPacketSize", None) or MQTT_MAX_PACKET_SIZE
         client.subscribe(self.topic_ack, qos=1)
         if self._command_handler is not None:
             client.subscribe(self.topic_cmd, qos=1)
@@ -190,7 +206,10 @@ class Uplink:
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self.topic_ack:
-            self._handle_ack(msg.payload)
+            try:
+                self._handle_ack(msg.payload)
+            except Exception:  # noqa: BLE001 - one odd ack must not stop the uplink
+                log.exception("ack handling failed (payload %s)", clip(msg.payload))
         elif self._command_handler is not None and msg.topic.startswith(self.topic_cmd[:-1]):
             try:
                 self._command_handler(msg.topic, msg.payload, getattr(msg, "properties", None))
@@ -201,7 +220,7 @@ class Uplink:
         try:
             ranges = parse_ack(payload)
         except (ValueError, TypeError) as e:
-            log.warning("malformed ack ignored: %s", e)
+            log.warning("malformed ack ignored: %s", clip(str(e)))
             return
         seqs: list[int] = []
         for lo, hi in ranges:
@@ -215,7 +234,24 @@ class Uplink:
 
     # --- the loop ---------------------------------------------------------------------
 
+    def _reset_after_crash(self) -> None:
+        """Before the supervisor runs ``_run`` again: in-flight entries go back, a fresh client."""
+        old = self._client
+        self._requeue_inflight()
+        self._client = self._new_client()
+        try:
+            old.disconnect()  # the broker may still hold the old connection; our client id takes it over anyway
+        except Exception:  # noqa: BLE001 - the old client is half broken by definition
+            pass
+
     def _run(self) -> None:
+        try:
+            self._connect_and_serve()
+        finally:  # also after a crash: nobody runs this client's loop now, so it is not "connected"
+            self._connected.clear()
+            metrics.MQTT_CONNECTED.set(0)
+
+    def _connect_and_serve(self) -> None:
         delay = self.cfg.reconnect_min_s
         while not self._stop.is_set():
             if not self._try_connect():
@@ -262,10 +298,10 @@ class Uplink:
             self._resend_overdue()
 
     def _requeue_inflight(self) -> None:
-        if self._inflight:
-            self.outbox.requeue(list(self._inflight))
-            self._inflight.clear()
-            self._mid_to_seq.clear()
+        # The outbox's own in-flight set: it also holds entries a crash left between take and publish.
+        self.outbox.requeue_inflight()
+        self._inflight.clear()
+        self._mid_to_seq.clear()
 
     def _budget(self) -> int:
         room = min(self.cfg.max_inflight - len(self._inflight), _PUBACK_WINDOW - len(self._mid_to_seq))
@@ -305,8 +341,11 @@ class Uplink:
         for seq, f in list(self._inflight.items()):
             if not forced and now - f.sent_at < self._ack_timeout(f.attempts):
                 continue
-            entry = self.outbox.get(seq)
-            if entry is None:  # acked or dropped meanwhile
+            try:
+                entry = self.outbox.get(seq)
+            except OutboxBusy:  # a transient read error: this entry waits for the next scan
+                continue
+            if entry is None:  # acked, dropped or unreadable meanwhile
                 self._inflight.pop(seq, None)
                 continue
             info = self._client.publish(self.topic_up + entry.stream, entry.payload, qos=1)

@@ -115,6 +115,37 @@ def test_a_dead_worker_thread_is_replaced(env) -> None:
     assert factory.current("a") is not first and factory.current("a").running
 
 
+def test_a_worker_that_keeps_dying_is_dead_past_its_budget_until_restarted(env) -> None:
+    sup, factory, clock, _ = env  # the budget: more than 5 deaths in 10 minutes
+    sup.start([cam("a"), cam("b")])
+    for _ in range(6):
+        factory.current("a").thread_alive = False
+        sup.check()
+        clock.now += 10  # past the backoff (at most 8 s here): rebuilt, unless given up
+        factory.current("b").beat = clock.now  # b keeps working
+        sup.check()
+    assert sup.dead() == ["a"] and sup.failing() == "a dead" and not sup.healthy()
+    assert sup.status()["a"]["state"] == "dead"
+    built = len(factory.built)
+    clock.now += 3600
+    factory.current("b").beat = clock.now
+    sup.check()
+    assert len(factory.built) == built  # no more rebuilds: the process is restarted instead
+    assert factory.current("b").running and sup.status()["b"]["state"] == "running"
+    sup.restart("a")  # an operator's restart_camera starts afresh
+    assert sup.dead() == [] and sup.healthy() and factory.current("a").running
+
+
+def test_a_worker_that_cannot_start_keeps_being_retried_and_is_never_dead(env) -> None:
+    sup, factory, clock, _ = env
+    factory.fail_for.add("a")
+    sup.start([cam("a")])
+    for _ in range(20):
+        clock.now += 10
+        sup.check()
+    assert sup.dead() == [] and sup.failing() is None and sup.status()["a"]["state"] == "failed"
+
+
 def test_a_stuck_worker_makes_the_supervisor_unhealthy(env) -> None:
     sup, factory, clock, _ = env
     sup.start([cam("a"), cam("b")])
