@@ -14,6 +14,7 @@ process; consumers drop duplicates by ``id``), ``trace_id`` is new and
 # run time, which FastAPI must see as real classes, not as names to resolve later.
 import hmac
 import itertools
+import json
 import logging
 import threading
 import time
@@ -26,11 +27,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from . import __version__, metrics
 from .config import BridgeConfig, env_secret
 from .envelope import Envelope, build, encode
+from .bridge import liveness, parse_uplink_topic
 from .queue_admin import QueueAdminError, RetryResult, TopicStatus
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ PUBLISH_ROLES: tuple[Role, ...] = ("admin", "system")
 STATUS_ROLES: tuple[Role, ...] = ("admin", "auditor")
 RETRY_ROLES: tuple[Role, ...] = ("admin",)
 CONFIRM_TIMEOUT_S = 30.0  # publish answers 504 when Kafka has not confirmed by then
+# A publish body is the message plus a topic and a key: room for the JSON around the largest
+# message the bridge forwards. The bound is checked before anything reads the body (413).
+BODY_OVERHEAD_BYTES = 64 * 1024
 
 
 class QueueBackend(Protocol):
@@ -174,12 +179,29 @@ def _auth_dependency(tokens: dict[str, Role]) -> Callable[..., Callable[..., Rol
 
 # --- the app ---------------------------------------------------------------------------------
 
+class BadMessage(ValueError):
+    """The message cannot become a valid envelope (the API answers 422 naming why)."""
+
+
 def _envelope_for(req: PublishRequest, device_id: str, seq: int, correlation_id: str | None) -> Envelope:
     """DESIGN: the message is the data; its string ``type``/``camera_id`` name the envelope's."""
     msg = req.message
     type_ = msg["type"] if isinstance(msg.get("type"), str) and msg["type"] else "external"
     camera = msg["camera_id"] if isinstance(msg.get("camera_id"), str) and msg["camera_id"] else None
-    return build(device_id, seq, type_[:128], msg, camera_id=camera, correlation_id=correlation_id)
+    _require_strict_json(msg)
+    try:
+        return build(device_id, seq, type_[:128], msg, camera_id=camera, correlation_id=correlation_id)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]  # the only fields taken from the message: camera_id, data
+        raise BadMessage(f"message.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+
+
+def _require_strict_json(msg: dict[str, Any]) -> None:
+    # The request parser takes NaN and Infinity; stored, they would turn into null on the way out.
+    try:
+        json.dumps(msg, allow_nan=False)
+    except ValueError as e:
+        raise BadMessage(f"message: {e}") from None
 
 
 def _with_topics(model: type[BaseModel], topics: list[str], description: str) -> type[BaseModel]:
@@ -194,8 +216,6 @@ def _error(code: int, message: str, **extra: Any) -> JSONResponse:
 
 def dead_letter_source_resolver(cfg: BridgeConfig) -> Callable[[str], str | None]:
     """``dlq-source-topic`` -> Kafka topic: the bridge records the MQTT topic a letter came in on."""
-    from .bridge import parse_uplink_topic
-
     kafka_topics = set(cfg.topics.values())
 
     def resolve(source: str) -> str | None:
@@ -237,8 +257,12 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
             inspector_box[0] = _default_inspector(cfg)
         return inspector_box[0]
 
+    docs = cfg.http.docs  # off by default: the spec tells a stranger every route and field
     app = FastAPI(title="edge-agent bridge", version=__version__,
-                  description="Publish to the bridge's Kafka topics, read queue status, retry dead letters.")
+                  description="Publish to the bridge's Kafka topics, read queue status, retry dead letters.",
+                  max_body_size=cfg.max_message_bytes + BODY_OVERHEAD_BYTES,
+                  openapi_url="/openapi.json" if docs else None, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None)
 
     # Starlette's base class: also catches the framework's own errors (unparsable body, 404, 405).
     @app.exception_handler(StarletteHTTPException)
@@ -252,14 +276,16 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
         where = ".".join(str(p) for p in first.get("loc", ())) or "request"
         return _error(422, f"{where}: {first.get('msg')}")
 
-    @app.get("/healthz", summary="liveness; says what is connected")
-    def healthz() -> dict[str, Any]:
+    @app.get("/healthz", summary="liveness; says what is connected; 503 naming a part that died for good",
+             responses={503: {"description": "a long-lived part died and could not be restarted"}})
+    def healthz() -> JSONResponse:
         # 200 while the process works, also with a broker down: holding acks is normal operation.
         try:
-            return {"status": "ok", **backend.health()}
+            code, body = liveness(backend.health())
         except Exception as e:  # noqa: BLE001 - liveness must answer even when health() breaks
             log.exception("health() failed")
-            return {"status": "ok", "health_error": str(e)}
+            code, body = 200, {"status": "ok", "health_error": str(e)}
+        return JSONResponse(status_code=code, content=body)
 
     @app.get("/metrics", summary="Prometheus text exposition", response_class=Response)
     def prometheus_metrics() -> Response:
@@ -274,7 +300,10 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
                 x_correlation_id: str | None = Header(None, max_length=256),
                 _role: Role = Depends(require(*PUBLISH_ROLES))) -> Any:
         kafka_topic = cfg.topics[body.topic]
-        env = _envelope_for(body, device_id, 1, x_correlation_id)
+        try:
+            env = _envelope_for(body, device_id, 1, x_correlation_id)
+        except BadMessage as e:
+            return _error(422, str(e))
         if len(encode(env)) > cfg.max_message_bytes:  # checked before taking a seq: no gap for a refusal
             return _error(413, f"message larger than {cfg.max_message_bytes} bytes")
         with seq_lock:

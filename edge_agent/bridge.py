@@ -49,14 +49,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Hashable, NamedTuple
 
 import paho.mqtt.client as mqtt
+import pydantic_core
 from confluent_kafka import KafkaError, KafkaException, Producer
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import ValidationError
+from pydantic import BaseModel, StrictInt, StrictStr, ValidationError
 
 from . import logs
 from .config import BridgeConfig, ConfigError, env_secret, load_bridge, missing_secrets
@@ -66,14 +67,19 @@ from .mqtt_transport import BufferedClient
 from .metrics import (BRIDGE_DELIVERY_SECONDS, BRIDGE_DLQ, BRIDGE_DUPLICATES, BRIDGE_INFLIGHT, BRIDGE_PRODUCED,
                       BRIDGE_RECEIVED, BRIDGE_RETRIES, exposition)
 from .outbox import seq_ranges  # the same compact ranges the agent's overflow events use
+from .supervised import Health, SupervisedThread
 
-__all__ = ["Bridge", "DeadLettered", "kafka_client_config", "run_bridge", "classify"]
+__all__ = ["Bridge", "DeadLettered", "kafka_client_config", "run_bridge", "classify", "strict_envelope"]
 
 log = logging.getLogger("edge_agent.bridge")
 
 # A too-large message cannot go to Kafka whole; its dead letter keeps this much.
 TOO_LARGE_KEEP_BYTES = 64 * 1024
 MAX_READ_BATCH = 64  # read this many, then hand them to Kafka: batches amortise locks, small ones keep Kafka busy
+# Topics are chosen by whoever may publish: a longer one is refused before it is parsed,
+# cached or logged; the cache holds only topics that parse, and only this many.
+MAX_TOPIC_CHARS = 512
+TOPIC_CACHE_SIZE = 10_000
 
 
 # --- pure helpers --------------------------------------------------------------------------------
@@ -96,7 +102,7 @@ class Accepted(NamedTuple):  # NamedTuples: built for every message, they cost l
 
 
 class Rejected(NamedTuple):
-    reason: str  # invalid_json | invalid_envelope | device_mismatch | unmapped_topic | too_large
+    reason: str  # invalid_json | invalid_envelope | device_mismatch | unmapped_topic | too_large | internal_error
     error: str
     device: str | None  # the topic's device, if the topic names one
     seq: int | None  # a seq that device may be waiting to see acked
@@ -104,21 +110,21 @@ class Rejected(NamedTuple):
 
 def classify(topic: str, payload: bytes, cfg: BridgeConfig) -> Accepted | Rejected:
     """Decide what one MQTT message is: a record for Kafka or a dead letter (with its reason)."""
+    if len(topic) > MAX_TOPIC_CHARS:
+        return Rejected("unmapped_topic", f"topic of {len(topic)} characters > {MAX_TOPIC_CHARS}", None, None)
     parsed = _parse_cached(topic, cfg.mqtt.topic_prefix)
     device = parsed[0] if parsed else None
     if len(payload) > cfg.max_message_bytes:
         return Rejected("too_large", f"{len(payload)} bytes > max_message_bytes {cfg.max_message_bytes}",
                         device, _seq_of(payload, device))
     if parsed is None or parsed[1] not in cfg.topics:
-        return Rejected("unmapped_topic", f"no Kafka topic for MQTT topic {topic!r} (known streams: "
-                        f"{', '.join(sorted(cfg.topics))})", device, _seq_of(payload, device))
+        return Rejected("unmapped_topic", _unmapped(parsed, cfg), device, _seq_of(payload, device))
     try:
-        env = Envelope.model_validate_json(payload)
+        env = strict_envelope(payload)
+    except NotStrictJson as e:
+        return Rejected("invalid_json", str(e), device, None)
     except ValidationError as e:
-        errors = e.errors(include_url=False)
-        if any(err["type"] == "json_invalid" for err in errors):
-            return Rejected("invalid_json", errors[0]["msg"], device, None)
-        return Rejected("invalid_envelope", _summarise(errors), device, _seq_of(payload, device))
+        return Rejected("invalid_envelope", _summarise(e.errors(include_url=False)), device, _seq_of(payload, device))
     if env.device_id != device:
         # Spoofing or a misconfigured agent; its seq belongs to nobody we can ack.
         return Rejected("device_mismatch", f"payload device_id {env.device_id!r} != topic device {device!r}",
@@ -126,17 +132,54 @@ def classify(topic: str, payload: bytes, cfg: BridgeConfig) -> Accepted | Reject
     return Accepted(env, cfg.topics[parsed[1]], device)
 
 
-_TOPICS: dict[tuple[str, str], tuple[str, str] | None] = {}
+class NotStrictJson(ValueError):
+    """The payload is not strict JSON (RFC 8259): unparsable, too deep, or with NaN/Infinity."""
+
+
+def strict_envelope(payload: bytes) -> Envelope:
+    """The envelope in ``payload``, accepted only from strict JSON.
+
+    Raises NotStrictJson, or ValidationError when the JSON is no envelope. Python's json
+    and our parser take NaN and Infinity, which other consumers refuse: those are
+    refused here (the ``in`` test keeps the common path at one scan of the bytes).
+    """
+    try:
+        env = Envelope.model_validate_json(payload)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        if any(err["type"] == "json_invalid" for err in errors):
+            raise NotStrictJson(errors[0]["msg"]) from None
+        raise
+    if b"NaN" in payload or b"Infinity" in payload:
+        try:
+            pydantic_core.from_json(payload, allow_inf_nan=False)
+        except ValueError as e:
+            raise NotStrictJson(str(e)) from None
+    return env
+
+
+def _unmapped(parsed: tuple[str, str] | None, cfg: BridgeConfig) -> str:
+    # The topic itself is in the dlq-source-topic header and the log line's topic field.
+    if parsed is None:
+        return f"not a topic of the form {cfg.mqtt.topic_prefix}/<device>/up/<stream>"
+    return f"no Kafka topic for stream {logs.clip(parsed[1])!r} (known streams: {', '.join(sorted(cfg.topics))})"
+
+
+_TOPICS: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 def _parse_cached(topic: str, prefix: str) -> tuple[str, str] | None:
     """parse_uplink_topic, remembered: a fleet uses a few thousand topics over and over."""
     key = (topic, prefix)
-    if key not in _TOPICS:
-        if len(_TOPICS) >= 100_000:  # bounded: topics are chosen by whoever can publish
+    parsed = _TOPICS.get(key)
+    if parsed is None:
+        parsed = parse_uplink_topic(topic, prefix)
+        if parsed is None:
+            return None  # not cached: junk topics must not crowd out the fleet's
+        if len(_TOPICS) >= TOPIC_CACHE_SIZE:
             _TOPICS.clear()
-        _TOPICS[key] = parse_uplink_topic(topic, prefix)
-    return _TOPICS[key]
+        _TOPICS[key] = parsed
+    return parsed
 
 
 def _summarise(errors: list[Any]) -> str:
@@ -144,18 +187,28 @@ def _summarise(errors: list[Any]) -> str:
     return "; ".join(parts)
 
 
+class _SeqProbe(BaseModel):
+    """The two fields that let a rejected payload's sender stop re-sending it."""
+
+    device_id: StrictStr
+    seq: StrictInt
+
+
 def _seq_of(payload: bytes, device: str | None) -> int | None:
-    """The seq of a rejected payload, when it is the topic device's own (so the device can stop re-sending)."""
+    """The seq of a rejected payload, when it is the topic device's own (so the device can stop re-sending).
+
+    Parsed by pydantic's parser, which bounds nesting (json.loads raised RecursionError).
+    """
     if device is None:
         return None
     try:
-        obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+        probe = _SeqProbe.model_validate_json(payload)
+    except ValidationError:
         return None
-    if not isinstance(obj, dict) or obj.get("device_id") != device:
-        return None
-    seq = obj.get("seq")
-    return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 1 else None
+    return probe.seq if probe.device_id == device and probe.seq >= 1 else None
+
+
+DedupeKey = tuple[str, str]  # (device_id, envelope id): one device cannot shadow another's ids
 
 
 class RecentIds:
@@ -163,12 +216,12 @@ class RecentIds:
 
     def __init__(self, size: int):
         self._size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._ids: OrderedDict[Hashable, None] = OrderedDict()
 
-    def __contains__(self, id_: str) -> bool:
+    def __contains__(self, id_: Hashable) -> bool:
         return id_ in self._ids
 
-    def add(self, id_: str) -> None:
+    def add(self, id_: Hashable) -> None:
         if self._size == 0:
             return
         self._ids[id_] = None
@@ -223,7 +276,7 @@ class Record:
     mids: list[tuple[int, int]] = field(default_factory=list)  # (MQTT connection number, mid) to PUBACK
     device: str | None = None  # who gets the end-to-end ack ...
     seq: int | None = None  # ... for this seq
-    envelope_id: str | None = None
+    dedupe_key: DedupeKey | None = None
     future: Future | None = None
     dead: str | None = None  # the dlq-reason once dead-lettered
     attempts: int = 0
@@ -251,7 +304,7 @@ IDLE_WAIT_S = 0.05  # otherwise wait on the MQTT socket this long at most
 class Bridge:
     """MQTT (shared subscription, manual ack) -> validated -> Kafka (idempotent), with e2e acks."""
 
-    def __init__(self, cfg: BridgeConfig):
+    def __init__(self, cfg: BridgeConfig, *, restart_backoff_s: float = 0.5, max_restarts: int = 5):
         self.config = cfg
         self._cfg = cfg
         self._lock = threading.RLock()  # guards the bookkeeping below against the HTTP API's thread
@@ -259,7 +312,7 @@ class Bridge:
         self._drain_deadline = 0.0  # once stopping: give up waiting for Kafka at this time.monotonic()
         self._inflight = 0  # MQTT messages received, not yet PUBACKed
         self._api_pending = 0
-        self._by_id: dict[str, Record] = {}  # envelope id -> record not yet confirmed
+        self._by_id: dict[DedupeKey, Record] = {}  # (device, envelope id) -> record not yet confirmed
         self._recent = RecentIds(cfg.dedupe_window)
         self._acks = AckBatcher(cfg.ack_interval_ms / 1000, cfg.ack_batch)
         self._retries: list[tuple[float, int, Record]] = []  # heap of (due, tiebreak, record)
@@ -276,7 +329,11 @@ class Bridge:
         self._producer_cfg.setdefault("message.max.bytes", max(1_000_000, cfg.max_message_bytes + 65536))
         self._producer = self._new_producer()
         self._client = self._new_mqtt_client()
-        self._worker = threading.Thread(target=_logged(self._run), name="bridge", daemon=True)
+        # The long-lived parts, for /healthz and the watchdog (serve_http adds "http").
+        self.parts = Health()
+        self._worker = SupervisedThread("bridge-worker", self._run, on_restart=self._after_crash,
+                                        backoff_min_s=restart_backoff_s, max_restarts=max_restarts)
+        self.parts.add(self._worker)
         self._reconnect_at = 0.0
         self._backoff = cfg.mqtt.reconnect_min_s
         # Filled by callbacks, emptied in batches by the loop: messages read, delivery reports.
@@ -304,7 +361,7 @@ class Bridge:
         future: Future = Future()
         rec = Record(topic=kafka_topic, key=(key or envelope.kafka_key).encode(), value=encode(envelope),
                      headers=envelope.kafka_headers(), source="api", received=time.monotonic(),
-                     envelope_id=envelope.id, future=future)
+                     dedupe_key=(envelope.device_id, envelope.id), future=future)
         with self._lock:
             if self._phase != _RUNNING:
                 raise RuntimeError("the bridge is shutting down")
@@ -313,14 +370,18 @@ class Bridge:
         return future
 
     def alive(self) -> bool:
-        """The worker thread still runs (a crashed one means: no more watchdog pings, get restarted)."""
-        return self._worker.is_alive()
+        """No part has died for good (one that did means: no more watchdog pings, systemd restarts us)."""
+        return not self.parts.dead()
 
     def health(self) -> dict[str, Any]:
+        """What is connected, what is in flight, and each long-lived part's state (``dead``: given up)."""
         with self._lock:
-            return {"mqtt": {"connected": self._mqtt_connected},
-                    "kafka": {"connected": self._kafka_connected},
-                    "inflight": self._inflight + self._api_pending}
+            out: dict[str, Any] = {"mqtt": {"connected": self._mqtt_connected},
+                                   "kafka": {"connected": self._kafka_connected},
+                                   "inflight": self._inflight + self._api_pending}
+        out["parts"] = self.parts.report()
+        out["dead"] = self.parts.dead()
+        return out
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop reading, let Kafka confirm what is in flight, ack it, disconnect. True if all settled."""
@@ -328,6 +389,7 @@ class Bridge:
             if self._phase == _RUNNING:
                 self._phase = _DRAINING
                 self._drain_deadline = time.monotonic() + timeout
+        self._worker.stop_restarting()
         if self._worker.is_alive():
             self._worker.join(timeout + 10)  # it settles what it can, sends the e2e acks and disconnects
         with self._lock:
@@ -406,6 +468,21 @@ class Bridge:
         self._serve_kafka()  # the last reports, and their e2e acks
         self._publish_e2e_acks()
         self._disconnect()
+
+    def _after_crash(self) -> None:
+        """Before the worker runs again: start over as after a lost MQTT connection.
+
+        The reconnect gives a new connection number, so mids of the old one are never
+        acked; the broker sends again what we did not PUBACK (the persistent session),
+        and those re-sends join records still on their way to Kafka by (device, id).
+        Kafka's reports of what was already produced still settle.
+        """
+        with self._lock:
+            self._mqtt_connected = False
+        self._incoming.clear()  # read but not taken: never counted, never acked, the broker re-sends them
+        self._e2e_sent = []  # of the old connection: they will never show as published
+        self._reconnect_at = 0.0
+        self._backoff = self._cfg.mqtt.reconnect_min_s
 
     def _settled(self) -> bool:
         with self._lock:
@@ -489,40 +566,73 @@ class Bridge:
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self._phase != _RUNNING:
             return  # left unacked: the broker delivers it again to the next session
-        self._incoming.append((msg.topic, msg.payload, msg.mid))
+        self._incoming.append((_topic_of(msg), msg.payload, msg.mid))
 
     def _handle_incoming(self) -> None:
-        """Validate a batch of messages (outside the lock), then hand them to Kafka (under it)."""
+        """Validate a batch of messages (outside the lock), then hand them to Kafka (under it).
+
+        Each message is handled inside its own guard: whatever goes wrong with one
+        (a bug of ours included) dead-letters that one as ``internal_error``.
+        """
         if not self._incoming:
             return
         batch, self._incoming = self._incoming, []
         BRIDGE_RECEIVED.inc(len(batch))
         now = time.monotonic()
-        verdicts = [(topic, payload, mid, classify(topic, payload, self._cfg)) for topic, payload, mid in batch]
+        verdicts = [(topic, payload, mid, self._classify(topic, payload)) for topic, payload, mid in batch]
         with self._lock:
-            self._inflight += len(batch)
+            conn = self._conn
             for topic, payload, mid, verdict in verdicts:
-                tag = (self._conn, mid)
-                if isinstance(verdict, Rejected):
-                    self._send(self._dead_letter_of(topic, payload, verdict, tag, now))
-                else:
-                    self._forward(topic, payload, verdict, tag, now)
+                self._inflight += 1  # one by one: a crash half way leaves the count true
+                self._take(topic, payload, verdict, (conn, mid), now)
             BRIDGE_INFLIGHT.set(self._inflight)
 
-    def _forward(self, topic: str, payload: bytes, ok: Accepted, tag: tuple[int, int], now: float) -> None:
+    def _classify(self, topic: str, payload: bytes) -> Accepted | Rejected:
+        try:
+            return classify(topic, payload, self._cfg)
+        except Exception as e:  # noqa: BLE001 - this message alone pays for it, the loop goes on
+            log.exception("internal error classifying a message: dead-lettered", extra={"topic": topic})
+            return Rejected("internal_error", f"{type(e).__name__}: {e}", None, None)
+
+    def _take(self, topic: str, payload: bytes, verdict: Accepted | Rejected, tag: tuple[int, int],
+              now: float) -> None:
+        """Hand one classified message to Kafka: its record, or its dead letter. Lock held."""
+        try:
+            if isinstance(verdict, Rejected):
+                self._send(self._dead_letter_of(topic, payload, verdict, tag, now))
+            else:
+                self._forward(topic, verdict, tag, now)
+        except Exception as e:  # noqa: BLE001 - as in _classify
+            log.exception("internal error forwarding a message: dead-lettered", extra={"topic": topic})
+            device = verdict.device if isinstance(verdict, Accepted) else None
+            if isinstance(verdict, Accepted):
+                self._unregister((verdict.device, verdict.envelope.id), tag)
+            self._send(self._dead_letter_of(topic, payload, Rejected("internal_error", f"{type(e).__name__}: {e}",
+                                                                     device, None), tag, now))
+
+    def _unregister(self, key: DedupeKey, tag: tuple[int, int]) -> None:
+        """Forget the record this message registered before its handling failed: its dead letter settles it."""
+        rec = self._by_id.get(key)
+        if rec is not None and rec.mids == [tag]:
+            del self._by_id[key]
+
+    def _forward(self, topic: str, ok: Accepted, tag: tuple[int, int], now: float) -> None:
         env = ok.envelope
-        if env.id in self._recent:
+        key = (ok.device, env.id)
+        if key in self._recent:
             BRIDGE_DUPLICATES.inc()
             self._settle_mqtt([tag], ok.device, env.seq, now)
             return
-        pending = self._by_id.get(env.id)
+        pending = self._by_id.get(key)
         if pending is not None:  # the device sent it again before our ack reached it
             BRIDGE_DUPLICATES.inc()
             pending.mids.append(tag)
             return
-        rec = Record(topic=ok.kafka_topic, key=env.kafka_key.encode(), value=payload, headers=env.kafka_headers(),
-                     source=topic, received=now, mids=[tag], device=ok.device, seq=env.seq, envelope_id=env.id)
-        self._by_id[env.id] = rec
+        # The value is the envelope as validated, re-serialised: with a key given twice in the
+        # payload (a second, spoofed device_id), consumers would not all read the one we checked.
+        rec = Record(topic=ok.kafka_topic, key=env.kafka_key.encode(), value=encode(env), headers=env.kafka_headers(),
+                     source=topic, received=now, mids=[tag], device=ok.device, seq=env.seq, dedupe_key=key)
+        self._by_id[key] = rec  # before sending: a refusal in _send dead-letters it and unregisters it
         self._send(rec)
 
     def _dead_letter_of(self, topic: str, payload: bytes, bad: Rejected, tag: tuple[int, int],
@@ -531,7 +641,9 @@ class Bridge:
         if bad.reason == "too_large":
             headers.append(("dlq-original-bytes", str(len(payload)).encode()))
             payload = payload[:TOO_LARGE_KEEP_BYTES]
-        log.warning("dead letter: %s: %s", bad.reason, bad.error, extra={"topic": topic})
+        # One line per dead letter; topic, device and error are the sender's and are clipped.
+        log.warning("dead letter: %s: %s", bad.reason, logs.clip(bad.error),
+                    extra={"topic": topic, "device_id": bad.device})
         return Record(topic=self._cfg.dlq.topic, key=bad.device.encode() if bad.device else None, value=payload,
                       headers=headers, source=topic, received=now, mids=[tag], device=bad.device, seq=bad.seq,
                       dead=bad.reason)
@@ -590,13 +702,28 @@ class Bridge:
         produced: dict[str, int] = {}
         with self._lock:
             for rec, err, msg in reports:
-                if err is None:
-                    self._confirmed(rec, msg, now, produced)
-                else:
-                    self._failed(rec, err)
+                try:
+                    if err is None:
+                        self._confirmed(rec, msg, now, produced)
+                    else:
+                        self._failed(rec, err)
+                except Exception:  # noqa: BLE001 - a bug of ours must not drop the other reports of the batch
+                    log.exception("internal error settling a delivery report", extra={"topic": rec.topic})
+                    self._abandon(rec)
             BRIDGE_INFLIGHT.set(self._inflight)
         for topic, count in produced.items():
             BRIDGE_PRODUCED.labels(topic).inc(count)
+
+    def _abandon(self, rec: Record) -> None:
+        """Give up a record whose report we failed to handle: the next send of it goes through afresh.
+
+        Its messages stay un-PUBACKed (the broker re-sends them after a reconnect, the device
+        after its ack timeout); a duplicate in Kafka is allowed, a seq never acked is not. Lock held.
+        """
+        if rec.dedupe_key is not None and self._by_id.get(rec.dedupe_key) is rec:
+            del self._by_id[rec.dedupe_key]
+        self._inflight -= len(rec.mids)
+        rec.mids = []
 
     def _confirmed(self, rec: Record, msg: Any, now: float, produced: dict[str, int]) -> None:
         # Only a delivery is progress: timeouts keep coming from a producer that is stuck.
@@ -606,9 +733,9 @@ class Bridge:
         if rec.dead is None:
             produced[rec.topic] = produced.get(rec.topic, 0) + 1
             BRIDGE_DELIVERY_SECONDS.observe(now - rec.received)
-            if rec.envelope_id is not None:
-                self._by_id.pop(rec.envelope_id, None)
-                self._recent.add(rec.envelope_id)
+            if rec.dedupe_key is not None:
+                self._by_id.pop(rec.dedupe_key, None)
+                self._recent.add(rec.dedupe_key)
         else:
             BRIDGE_DLQ.labels(rec.dead).inc()
         if rec.future is not None:
@@ -636,10 +763,10 @@ class Bridge:
         self._schedule(rec, plan.delay)
 
     def _to_dlq(self, rec: Record, reason: str, error: str) -> None:
-        log.warning("dead letter: %s after %d attempts: %s", reason, rec.attempts, error,
+        log.warning("dead letter: %s after %d attempts: %s", reason, rec.attempts, logs.clip(error),
                     extra={"topic": rec.topic, "seq": rec.seq, "device_id": rec.device})
-        if rec.envelope_id is not None:
-            self._by_id.pop(rec.envelope_id, None)
+        if rec.dedupe_key is not None:
+            self._by_id.pop(rec.dedupe_key, None)
         rec.headers = rec.headers + dlq_headers(reason, error, rec.source, rec.attempts,
                                                 rec.first_failed_at or utc_now_iso())
         rec.dead = reason
@@ -717,15 +844,11 @@ class Bridge:
         producer.close()
 
 
-def _logged(target: Callable[[], None]) -> Callable[[], None]:
-    """A thread body whose crash lands in the JSON log (and stops the watchdog pings via alive())."""
-    def run() -> None:
-        try:
-            target()
-        except Exception:
-            log.exception("bridge thread %s crashed", threading.current_thread().name)
-            raise
-    return run
+def _topic_of(msg: mqtt.MQTTMessage) -> str:
+    try:
+        return msg.topic
+    except UnicodeDecodeError:  # brokers refuse such topics; an unmapped_topic dead letter if one comes
+        return "<topic not UTF-8>"
 
 
 def _header(headers: list[tuple[str, bytes]], name: str) -> str:
@@ -743,36 +866,61 @@ def _api_factory() -> Callable[[Any], Any] | None:
     return getattr(api, "create_app", None)
 
 
+def liveness(health: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """``/healthz``: 503 naming the parts that died for good, else 200 (also with a broker down)."""
+    if health.get("dead"):
+        return 503, {"status": "unhealthy", **health}
+    return 200, {"status": "ok", **health}
+
+
 def serve_http(bridge: Bridge) -> Callable[[], None]:
-    """Serve the HTTP API in a background thread; returns a function that stops it."""
+    """Serve the HTTP API in a supervised thread (part ``http``); returns a function that stops it."""
     host, port = bridge.config.http.host_port
     create_app = _api_factory()
-    if create_app is not None:
-        import uvicorn
+    if create_app is None:
+        return _serve_fallback(bridge, host, port)
+    import uvicorn
 
-        server = uvicorn.Server(uvicorn.Config(create_app(bridge), host=host, port=port, log_level="warning",
-                                               lifespan="off"))
-        thread = threading.Thread(target=server.run, name="bridge-http", daemon=True)
-        thread.start()
-        # READY=1 and the log line below should mean "answers HTTP": wait (bounded) for uvicorn.
-        deadline = time.monotonic() + 30
-        while not server.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not server.started:
-            log.error("the HTTP API on %s:%s did not start", host, port)
-        else:
-            log.info("HTTP API listening on %s:%s", host, port)
+    config = uvicorn.Config(create_app(bridge), host=host, port=port, log_level="warning", lifespan="off")
+    servers: list[uvicorn.Server] = []  # the current run's server: a crashed one is not reused
+    stopping = threading.Event()
 
-        def stop_uvicorn() -> None:
+    def serve() -> None:
+        servers[:] = [uvicorn.Server(config)]
+        servers[0].run()  # a failed bind ends in SystemExit: the supervisor restarts it too
+        if not stopping.is_set():
+            raise RuntimeError("the HTTP server stopped by itself")
+
+    part = SupervisedThread("http", serve)
+    bridge.parts.add(part)
+    part.start()
+    # READY=1 and the log line below should mean "answers HTTP": wait (bounded) for uvicorn.
+    deadline = time.monotonic() + 30
+    while not (servers and servers[0].started) and not part.dead() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if servers and servers[0].started:
+        log.info("HTTP API listening on %s:%s", host, port)
+    else:
+        log.error("the HTTP API on %s:%s did not start", host, port)
+
+    def stop_uvicorn() -> None:
+        stopping.set()
+        part.stop_restarting()
+        for server in servers:
             server.should_exit = True
-            thread.join(timeout=5)
-        return stop_uvicorn
+        part.join(timeout=5)
+    return stop_uvicorn
+
+
+def _serve_fallback(bridge: Bridge, host: str, port: int) -> Callable[[], None]:
     httpd = ThreadingHTTPServer((host, port), _fallback_handler(bridge))
-    thread = threading.Thread(target=httpd.serve_forever, name="bridge-http", daemon=True)
-    thread.start()
+    part = SupervisedThread("http", httpd.serve_forever)
+    bridge.parts.add(part)
+    part.start()
     log.info("HTTP API listening on %s:%s (healthz and metrics only)", host, port)
 
     def stop_fallback() -> None:
+        part.stop_restarting()
         httpd.shutdown()
         httpd.server_close()
     return stop_fallback
@@ -783,14 +931,16 @@ def _fallback_handler(bridge: Bridge) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            code = 200
             if self.path == "/healthz":
-                body, ctype = json.dumps({"status": "ok", **bridge.health()}).encode(), "application/json"
+                code, answer = liveness(bridge.health())
+                body, ctype = json.dumps(answer).encode(), "application/json"
             elif self.path == "/metrics":
                 body, ctype = exposition()
             else:
                 self.send_error(404)
                 return
-            self.send_response(200)
+            self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -827,7 +977,7 @@ def run_bridge(path: Path) -> int:
         if bridge.alive():
             _notify_systemd("WATCHDOG=1")
         else:
-            log.error("a bridge thread died: withholding the watchdog ping")
+            log.error("dead for good: %s; withholding the watchdog ping", ", ".join(bridge.parts.dead()))
     _notify_systemd("STOPPING=1")
     log.info("signal received: draining")
     bridge.stop(timeout=20)  # inside the unit's TimeoutStopSec=30, with room to disconnect

@@ -268,6 +268,7 @@ class BridgeHttpConfig(HttpConfig):
     listen: str = Field("127.0.0.1:8080", pattern=r"^.+:\d{1,5}$")
     tokens: list[TokenConfig] = []
     device_id: str | None = None  # envelope device_id of API publishes; default: mqtt.client_id
+    docs: bool = False  # serve /docs, /redoc and /openapi.json (off: they map the API for anyone)
 
 
 class BridgeConfig(Strict):
@@ -278,7 +279,7 @@ class BridgeConfig(Strict):
     http: BridgeHttpConfig = BridgeHttpConfig()
     # uplink stream -> Kafka topic
     topics: dict[str, str] = {s: s for s in STREAMS}
-    max_message_bytes: int = 1_000_000
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # the agent bounds its envelopes by the same figure
     max_inflight: int = Field(5000, ge=1)  # MQTT messages received and not yet settled
     dedupe_window: int = Field(100_000, ge=0)  # envelope ids remembered
     ack_interval_ms: float = Field(50.0, gt=0)

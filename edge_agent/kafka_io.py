@@ -14,6 +14,9 @@ from typing import Any, Literal, NamedTuple
 from confluent_kafka import KafkaError
 
 from .config import ConfigError, KafkaConfig, RetryConfig
+from .logs import clip
+
+DLQ_TEXT_CHARS = 1000  # dlq-error and dlq-source-topic are cut to this (a topic may be 64 KB)
 
 # Delivery errors that say nothing about the record itself: the broker was
 # unreachable, stuck, or we purged the record to hand it to a fresh producer.
@@ -97,11 +100,11 @@ def is_records_fault(err: KafkaError) -> bool:
 
 
 def dlq_headers(reason: str, error: str, source_topic: str, attempts: int, first_failed_at: str) -> list[tuple[str, bytes]]:
-    """The DESIGN headers of a dead letter."""
+    """The DESIGN headers of a dead letter; the error and topic are the sender's, so they are clipped."""
     return [
         ("dlq-reason", reason.encode()),
-        ("dlq-error", error[:1000].encode("utf-8", "replace")),
-        ("dlq-source-topic", source_topic.encode("utf-8", "replace")),
+        ("dlq-error", clip(error, DLQ_TEXT_CHARS).encode("utf-8", "replace")),
+        ("dlq-source-topic", clip(source_topic, DLQ_TEXT_CHARS).encode("utf-8", "replace")),
         ("dlq-attempts", str(attempts).encode()),
         ("dlq-first-failed-at", first_failed_at.encode()),
     ]

@@ -24,9 +24,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from confluent_kafka import (OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException,
                              Message, Producer, TopicPartition)
 from confluent_kafka.admin import AdminClient, OffsetSpec
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from .bridge import NotStrictJson, strict_envelope
 from .envelope import utc_now_iso
+from .logs import clip
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class TopicStatus(BaseModel):
 
 class RetryResult(BaseModel):
     retried: int
-    errors: int
+    errors: int  # re-publishes that failed, and letters refused (no dlq-reason, or no valid envelope)
     skipped: int = 0  # letters of this topic not retried because their reason is poison
 
 
@@ -75,6 +77,21 @@ def _header(msg: Message, name: str) -> str | None:
     for key, value in msg.headers() or []:
         if key == name and value is not None:
             return value.decode("utf-8", "replace")
+    return None
+
+
+def _refusal(msg: Message, reason: str | None) -> str | None:
+    """Why a letter must not go back to its topic, or None.
+
+    Only the bridge's own letters carry a reason; what it wrote for a passing failure is
+    a valid envelope, so anything else was put in the DLQ by someone else.
+    """
+    if reason is None:
+        return f"no {REASON_HEADER} header"
+    try:
+        strict_envelope(msg.value() or b"")
+    except (NotStrictJson, ValidationError) as e:
+        return f"not a valid envelope: {clip(str(e).replace(chr(10), ' '))}"
     return None
 
 
@@ -210,7 +227,7 @@ class KafkaQueueAdmin:
         producer = self._retry_producer()
         failed_at: dict[int, int] = {}  # partition -> lowest offset whose re-publish failed
         next_offset: dict[int, int] = {}
-        retried = skipped = 0
+        retried = skipped = refused = 0
         errors: list[int] = [0]
 
         def on_delivery(partition: int, offset: int):
@@ -231,8 +248,15 @@ class KafkaQueueAdmin:
                 next_offset[msg.partition()] = msg.offset() + 1
                 if self._source_of(msg) != topic:
                     continue
-                if (_header(msg, REASON_HEADER) or "retries_exhausted") not in RETRIABLE_REASONS:
+                reason = _header(msg, REASON_HEADER)
+                if reason is not None and reason not in RETRIABLE_REASONS:
                     skipped += 1
+                    continue
+                refusal = _refusal(msg, reason)
+                if refusal is not None:
+                    # Left in the DLQ, and passed: it will not become retriable by waiting.
+                    refused += 1
+                    log.warning("dlq retry refused a letter: %s", refusal, extra={"topic": topic})
                     continue
                 report = on_delivery(msg.partition(), msg.offset())
                 if not self._republish(producer, topic, msg, report):
@@ -249,7 +273,7 @@ class KafkaQueueAdmin:
             raise QueueAdminError(f"Kafka: {e}") from e
         finally:
             consumer.close()
-        return RetryResult(retried=retried - errors[0], errors=errors[0], skipped=skipped)
+        return RetryResult(retried=retried - errors[0], errors=errors[0] + refused, skipped=skipped)
 
     def _republish(self, producer: Producer, topic: str, msg: Message,
                    report: Callable[[KafkaError | None, Message], None]) -> bool:

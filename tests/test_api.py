@@ -18,10 +18,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from fastapi.testclient import TestClient
 from test_bridge_wire import bridge_config, running
 
-from edge_agent.api import create_app
+from edge_agent.api import BODY_OVERHEAD_BYTES, create_app
 from edge_agent.bridge import serve_http
 from edge_agent.config import BridgeConfig
-from edge_agent.envelope import Envelope
+from edge_agent.envelope import Envelope, build, encode
 from edge_agent.queue_admin import GroupLag, KafkaQueueAdmin, RetryResult, TopicStatus
 
 TOKENS = {"T_ADMIN": ("admin-secret", "admin"), "T_SYSTEM": ("system-secret", "system"),
@@ -83,6 +83,10 @@ def bridge_cfg(monkeypatch: pytest.MonkeyPatch) -> BridgeConfig:
     })
 
 
+def with_docs(cfg: BridgeConfig) -> BridgeConfig:
+    return cfg.model_copy(update={"http": cfg.http.model_copy(update={"docs": True})})
+
+
 def make_client(cfg: BridgeConfig, outcome: str = "ok",
                 timeout: float = 30.0) -> tuple[TestClient, FakeBridge, FakeInspector]:
     bridge, inspector = FakeBridge(cfg, outcome), FakeInspector()
@@ -127,6 +131,10 @@ def test_healthz_metrics_and_openapi_need_no_token(bridge_cfg: BridgeConfig) -> 
     assert health.status_code == 200 and health.json()["mqtt"] == {"connected": True}
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and "edge_bridge_received_total" in metrics.text
+    for path in ("/openapi.json", "/docs", "/redoc"):  # off unless configured
+        assert client.get(path).status_code == 404
+    client, _, _ = make_client(with_docs(bridge_cfg))
+    assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/api/v1/queue/publish", "/api/v1/queue/status", "/api/v1/queue/dlq/retry"} <= set(spec["paths"])
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
@@ -172,6 +180,45 @@ def test_bad_publish_bodies_get_a_clear_4xx_and_nothing_is_sent(bridge_cfg: Brid
     assert ok.status_code == 200 and bridge.submitted[-1][1].seq == 1
 
 
+@pytest.mark.parametrize("message,fragment", [
+    ({"camera_id": "c" * 129}, "camera_id"),  # built into the envelope: was a 500
+    ({"x": float("nan")}, "message"),  # stored, NaN would have become null
+    ({"x": [float("inf")]}, "message"),
+])
+def test_a_message_that_makes_no_valid_envelope_is_422(bridge_cfg: BridgeConfig, message: dict,
+                                                      fragment: str) -> None:
+    client, bridge, _ = make_client(bridge_cfg)
+    body = json.dumps({"topic": "camera.events", "message": message})  # json writes NaN as the bare word
+    r = client.post("/api/v1/queue/publish", headers={**auth("admin"), "Content-Type": "application/json"},
+                    content=body)
+    assert r.status_code == 422, r.text
+    assert fragment in r.json()["error"] and not bridge.submitted
+
+
+def test_bodies_over_the_limit_are_413_before_anything_reads_them(bridge_cfg: BridgeConfig) -> None:
+    client, bridge, _ = make_client(bridge_cfg)
+    limit = bridge_cfg.max_message_bytes + BODY_OVERHEAD_BYTES
+    big = b'{"topic": "camera.events", "message": {"x": "' + b"y" * limit + b'"}}'
+    for headers in ({}, auth("admin")):  # also without a token: the limit comes before auth
+        r = client.post("/api/v1/queue/publish", content=big, headers={**headers, "Content-Type": "application/json"})
+        assert r.status_code == 413, r.text  # Starlette's limiter answers a declared length in plain text
+    # streamed without a Content-Length: counted as it comes
+    r = client.post("/api/v1/queue/publish", content=iter([big[:1000], big[1000:]]),
+                    headers={**auth("admin"), "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["status"] == "error"
+    assert not bridge.submitted
+
+
+def test_healthz_is_503_naming_a_dead_part(bridge_cfg: BridgeConfig) -> None:
+    bridge = FakeBridge(bridge_cfg)
+    parts = {"bridge-worker": {"state": "dead", "restarts": 5, "last_error": "RuntimeError: boom"}}
+    bridge.health = lambda: {"mqtt": {"connected": True}, "parts": parts, "dead": ["bridge-worker"]}  # type: ignore
+    r = TestClient(create_app(bridge, FakeInspector())).get("/healthz")
+    assert r.status_code == 503
+    assert r.json()["status"] == "unhealthy" and r.json()["dead"] == ["bridge-worker"]
+    assert r.json()["parts"] == parts
+
+
 def test_publish_reports_kafka_failure_and_timeout_with_the_message_id(bridge_cfg: BridgeConfig) -> None:
     client, bridge, _ = make_client(bridge_cfg, outcome="fail")
     r = client.post("/api/v1/queue/publish", headers=auth("admin"), json={"topic": "camera.events", "message": {}})
@@ -183,7 +230,7 @@ def test_publish_reports_kafka_failure_and_timeout_with_the_message_id(bridge_cf
 
 
 def test_status_and_retry_validate_topics(bridge_cfg: BridgeConfig) -> None:
-    client, _, inspector = make_client(bridge_cfg)
+    client, _, inspector = make_client(with_docs(bridge_cfg))
     everything = client.get("/api/v1/queue/status", headers=auth("auditor"))
     assert [s["topic"] for s in everything.json()] == ["camera.events", "central.notifications"]
     one = client.get("/api/v1/queue/status", params={"topic": "dlq"}, headers=auth("auditor"))
@@ -211,11 +258,17 @@ def _produce_one_by_one(kafka, topic: str, n: int) -> None:
         assert producer.flush(10) == 0
 
 
-def _dead_letter(producer: Producer, dlq: str, source: str, reason: str, value: bytes) -> None:
-    producer.produce(dlq, value=value, key=b"gw-1/cam-1", headers=[
-        ("message-id", uuid.uuid4().hex.encode()), ("dlq-reason", reason.encode()), ("dlq-error", b"boom"),
-        ("dlq-source-topic", source.encode()), ("dlq-attempts", b"5"),
-        ("dlq-first-failed-at", b"2026-11-26T06:00:00.000Z")])
+def _dead_letter(producer: Producer, dlq: str, source: str, reason: str | None, value: bytes) -> None:
+    headers = [("message-id", uuid.uuid4().hex.encode()), ("dlq-reason", (reason or "").encode()),
+               ("dlq-error", b"boom"), ("dlq-source-topic", source.encode()), ("dlq-attempts", b"5"),
+               ("dlq-first-failed-at", b"2026-11-26T06:00:00.000Z")]
+    producer.produce(dlq, value=value, key=b"gw-1/cam-1",
+                     headers=[h for h in headers if reason is not None or h[0] != "dlq-reason"])
+
+
+def _letter_value(n: int) -> bytes:
+    """What the bridge dead-letters after retries_exhausted: a valid envelope."""
+    return encode(build("gw-1", n + 1, "camera.online", {"n": n}, camera_id="cam-1"))
 
 
 @pytest.mark.timeout(90)
@@ -251,9 +304,9 @@ def test_dlq_retry_round_trip_sends_each_letter_once(kafka, unique_topic: str) -
     create_topics(kafka, [topic, dlq], partitions=1)
     producer = Producer(kafka.client_config())
     for i in range(3):
-        _dead_letter(producer, dlq, topic, "retries_exhausted", json.dumps({"n": i}).encode())
+        _dead_letter(producer, dlq, topic, "retries_exhausted", _letter_value(i))
     _dead_letter(producer, dlq, topic, "invalid_json", b"{oops")  # poison stays in the DLQ
-    _dead_letter(producer, dlq, "elsewhere", "retries_exhausted", b"{}")  # another topic's letter
+    _dead_letter(producer, dlq, "elsewhere", "retries_exhausted", _letter_value(9))  # another topic's letter
     assert producer.flush(10) == 0
 
     admin = KafkaQueueAdmin(kafka.client_config(), dlq)
@@ -262,7 +315,7 @@ def test_dlq_retry_round_trip_sends_each_letter_once(kafka, unique_topic: str) -
     assert admin.retry_dead_letters(topic, max_messages=10) == RetryResult(retried=0, errors=0, skipped=0)
 
     records = consume_all(kafka, topic, 3, timeout=20, settle_s=0.5)
-    assert sorted(r.json()["n"] for r in records) == [0, 1, 2]
+    assert sorted(r.json()["data"]["n"] for r in records) == [0, 1, 2]
     for r in records:
         assert r.key == b"gw-1/cam-1"
         assert r.headers["dlq-source-topic"] == topic.encode() and r.headers["dlq-reason"] == b"retries_exhausted"
@@ -342,12 +395,31 @@ def test_a_failed_retry_is_counted_and_tried_again_next_time(kafka, unique_topic
     create_topics(kafka, [dlq], partitions=1)
     producer = Producer(kafka.client_config())
     for i in range(2):
-        _dead_letter(producer, dlq, bad, "retries_exhausted", json.dumps({"n": i}).encode())
+        _dead_letter(producer, dlq, bad, "retries_exhausted", _letter_value(i))
     assert producer.flush(10) == 0
     admin = KafkaQueueAdmin(kafka.client_config(), dlq, timeout_s=20)
     assert admin.retry_dead_letters(bad, max_messages=10) == RetryResult(retried=0, errors=2, skipped=0)
     # nothing was committed past a failed letter: the next call meets both again
     assert admin.retry_dead_letters(bad, max_messages=10) == RetryResult(retried=0, errors=2, skipped=0)
+
+
+@pytest.mark.timeout(90)
+def test_dlq_retry_refuses_letters_without_a_reason_or_a_valid_envelope(kafka, unique_topic: str) -> None:
+    topic, dlq = unique_topic, unique_topic + "-dlq"
+    create_topics(kafka, [topic, dlq], partitions=1)
+    producer = Producer(kafka.client_config())
+    _dead_letter(producer, dlq, topic, None, _letter_value(0))  # not the bridge's: no dlq-reason
+    _dead_letter(producer, dlq, topic, "retries_exhausted", json.dumps({"n": 1}).encode())  # no envelope
+    _dead_letter(producer, dlq, topic, "retries_exhausted", _letter_value(2)[:-1] + b', "x": NaN}')
+    _dead_letter(producer, dlq, topic, "retries_exhausted", _letter_value(3))  # the one to re-send
+    assert producer.flush(10) == 0
+    admin = KafkaQueueAdmin(kafka.client_config(), dlq)
+    assert admin.retry_dead_letters(topic, max_messages=10) == RetryResult(retried=1, errors=3, skipped=0)
+    # refused for good: passed, not met again, and still in the DLQ
+    assert admin.retry_dead_letters(topic, max_messages=10) == RetryResult(retried=0, errors=0, skipped=0)
+    [record] = consume_all(kafka, topic, 1, timeout=20, settle_s=0.5)
+    assert record.json()["data"] == {"n": 3}
+    assert admin.count_dead_letters({topic}) == {topic: 4}
 
 
 def test_status_counts_members_that_read_the_topic() -> None:

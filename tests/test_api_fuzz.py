@@ -19,7 +19,8 @@ ADMIN_TOKEN = "fuzz-admin-token"
 
 
 def _app():
-    cfg = BridgeConfig.model_validate({"http": {"tokens": [{"token_env": "EDGE_FUZZ_ADMIN", "role": "admin"}]}})
+    cfg = BridgeConfig.model_validate({"http": {"tokens": [{"token_env": "EDGE_FUZZ_ADMIN", "role": "admin"}],
+                                                "docs": True}})  # the spec is what drives the fuzzing
     return create_app(FakeBridge(cfg), FakeInspector(), confirm_timeout_s=1.0)
 
 

@@ -55,6 +55,62 @@ def test_bad_input_is_rejected_with_its_reason(topic: str, payload: bytes, reaso
     assert verdict.seq == seq  # the device's own seq is acked so that it stops re-sending
 
 
+@pytest.mark.parametrize("topic, payload, reason", [
+    (GOOD_TOPIC, b"[" * 3000, "invalid_json"),
+    (GOOD_TOPIC, b'{"a":' * 3000, "invalid_json"),
+    ("edge/gw-1/up/anything", b"[" * 3000, "unmapped_topic"),  # its seq lookup raised RecursionError
+    ("edge/gw-1/up/anything", b'{"a":' * 3000 + b"1" + b"}" * 3000, "unmapped_topic"),
+    (GOOD_TOPIC, good_payload()[:-1] + b', "x": NaN}', "invalid_json"),
+    (GOOD_TOPIC, good_payload()[:-1] + b', "x": [-Infinity]}', "invalid_json"),
+    (GOOD_TOPIC, b'\xff' + good_payload(), "invalid_json"),
+    ("edge/" + "d" * 60_000 + "/up/camera.events", good_payload(), "unmapped_topic"),
+])
+def test_hostile_input_is_rejected_not_raised(topic: str, payload: bytes, reason: str) -> None:
+    verdict = classify(topic, payload, BridgeConfig.model_validate({"max_message_bytes": 100_000}))
+    assert isinstance(verdict, Rejected) and verdict.reason == reason
+    assert len(verdict.error) < 1000
+
+
+def test_nan_inside_a_string_is_fine() -> None:
+    verdict = classify(GOOD_TOPIC, encode(build("gw-1", 1, "t", {"s": "NaN and Infinity"})), CFG)
+    assert isinstance(verdict, Accepted) and verdict.envelope.data == {"s": "NaN and Infinity"}
+
+
+def test_a_duplicated_device_id_is_judged_by_the_value_forwarded() -> None:
+    # json keeps the last of two keys; a consumer may keep the first. The bridge forwards
+    # encode(envelope), which has only the one it checked.
+    body = good_payload(device="gw-1")
+    spoofed = b'{"device_id": "gw-evil", ' + body[1:]
+    verdict = classify(GOOD_TOPIC, spoofed, CFG)
+    assert isinstance(verdict, Accepted)
+    assert encode(verdict.envelope).count(b'"device_id"') == 1 and b"gw-evil" not in encode(verdict.envelope)
+
+
+def test_only_topics_that_parse_are_cached_and_the_cache_is_bounded() -> None:
+    from edge_agent import bridge as bridge_mod
+
+    bridge_mod._TOPICS.clear()
+    for i in range(50):
+        classify(f"junk/{i}", b"{}", CFG)
+    assert not bridge_mod._TOPICS
+    for i in range(bridge_mod.TOPIC_CACHE_SIZE + 10):
+        bridge_mod._parse_cached(f"edge/gw-{i}/up/camera.events", "edge")
+    assert len(bridge_mod._TOPICS) <= bridge_mod.TOPIC_CACHE_SIZE
+
+
+def test_dead_letter_headers_clip_the_senders_text() -> None:
+    from edge_agent.kafka_io import dlq_headers
+
+    headers = dict(dlq_headers("unmapped_topic", "e" * 100_000, "t" * 60_000, 0, "2026-01-01T00:00:00.000Z"))
+    assert len(headers["dlq-error"]) < 1100 and len(headers["dlq-source-topic"]) < 1100
+
+
+def test_recent_ids_are_per_device() -> None:
+    recent = RecentIds(10)
+    recent.add(("gw-1", "id-1"))
+    assert ("gw-1", "id-1") in recent and ("gw-2", "id-1") not in recent
+
+
 def test_topic_prefix_with_slashes_is_parsed() -> None:
     assert parse_uplink_topic("site/a/edge/gw-1/up/notifications", "site/a/edge") == ("gw-1", "notifications")
     assert parse_uplink_topic("other/gw-1/up/notifications", "edge") is None
@@ -154,7 +210,10 @@ def test_a_bridge_that_never_started_stops_cleanly() -> None:
 
     bridge = Bridge(BridgeConfig.model_validate({"mqtt": {"port": 1}, "kafka": {"bootstrap_servers": "127.0.0.1:1"}}))
     assert bridge.stop(timeout=1) is True
-    assert bridge.health() == {"mqtt": {"connected": False}, "kafka": {"connected": False}, "inflight": 0}
+    health = bridge.health()
+    assert (health["mqtt"], health["kafka"], health["inflight"], health["dead"]) == (
+        {"connected": False}, {"connected": False}, 0, [])
+    assert health["parts"]["bridge-worker"]["state"] == "new"
 
 
 def test_the_fallback_http_server_answers_healthz_and_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,8 +232,10 @@ def test_the_fallback_http_server_answers_healthz_and_metrics(monkeypatch: pytes
     try:
         health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert health.status_code == 200
-        assert health.json() == {"status": "ok", "mqtt": {"connected": False}, "kafka": {"connected": False},
-                                 "inflight": 0}
+        body = health.json()
+        assert (body["status"], body["mqtt"], body["kafka"], body["inflight"], body["dead"]) == (
+            "ok", {"connected": False}, {"connected": False}, 0, [])
+        assert body["parts"]["http"]["state"] == "running"
         assert "edge_bridge_received_total" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         assert httpx.get(f"http://127.0.0.1:{port}/nope", timeout=5).status_code == 404
     finally:
