@@ -6,6 +6,7 @@ the file: a ``*_env`` key names the environment variable that holds them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -292,31 +293,51 @@ class BridgeConfig(Strict):
 
 # --- loading ---------------------------------------------------------------------------------
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _loc_part(part: str | int) -> str:
+    """One step of a field path; a key that is not plain is quoted so a problem stays one line."""
+    if isinstance(part, int) or _PLAIN_KEY.fullmatch(part):
+        return str(part)
+    return json.dumps(part[:64] + ("…" if len(part) > 64 else ""))
+
+
 def _problems(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(file)"
-        msg = e["msg"]
+        path = ".".join(_loc_part(p) for p in e["loc"]) or "(file)"
+        msg = " ".join(e["msg"].split())
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"{path}: {msg}")
     return lines
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def parse_yaml_mapping(raw: bytes | str) -> dict[str, Any]:
+    """A config file's bytes -> its top-level mapping (empty file: {}); ConfigError says what is wrong."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError([f"(file): cannot read {path}: {e.strerror or e}"]) from e
-    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         data = yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"(file): not UTF-8: {e}"]) from e
     except yaml.YAMLError as e:
         raise ConfigError([f"(file): not valid YAML: {e}".replace("\n", " ")]) from e
+    except RecursionError as e:  # PyYAML composes nested collections recursively
+        raise ConfigError(["(file): nested too deeply to be a config file"]) from e
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(file): the top level must be a mapping"])
     return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError([f"(file): cannot read {path}: {e.strerror or e}"]) from e
+    return parse_yaml_mapping(raw)
 
 
 def kind_of(data: dict[str, Any]) -> Literal["agent", "bridge"]:

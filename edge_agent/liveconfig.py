@@ -23,7 +23,7 @@ import yaml
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .config import AgentConfig, ConfigError, missing_secrets, parse_agent
+from .config import AgentConfig, ConfigError, missing_secrets, parse_agent, parse_yaml_mapping
 from .envelope import Draft
 from .files import atomic_write
 
@@ -98,11 +98,9 @@ def _id_keyed(value: Any) -> bool:
 def parse_document(raw: bytes, *, check_secrets: bool = True) -> tuple[dict[str, Any], AgentConfig]:
     """File bytes -> (document, validated config); ConfigRejected names every problem."""
     try:
-        data = yaml.safe_load(raw.decode("utf-8")) if raw.strip() else {}
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigRejected([f"(file): not valid YAML: {e}".replace("\n", " ")]) from e
-    if not isinstance(data, dict):
-        raise ConfigRejected(["(file): the top level must be a mapping"])
+        data = parse_yaml_mapping(raw)  # the same reading as check-config's
+    except ConfigError as e:
+        raise ConfigRejected(e.problems) from e
     return data, validate(data, check_secrets=check_secrets)
 
 
