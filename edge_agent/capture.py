@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse, urlsplit, urlunsplit
 
 import cv2
 import numpy as np
 
-from .config import CameraConfig
+from .config import CameraConfig, env_secret
+from .logs import mask_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +55,59 @@ def is_file(source: int | str) -> bool:
     return not is_stream(source) and not is_device(source)
 
 
+def credentialed_source(camera: CameraConfig) -> int | str:
+    """What to open: the source with ``username`` and the password from ``password_env`` put into
+    the URL. Only here, at open time, so the credentials never sit in config, events or logs."""
+    source = parse_source(camera.source)
+    if not camera.username or not isinstance(source, str):
+        return source
+    password = env_secret(camera.password_env)
+    if camera.password_env and password is None:
+        raise StreamError(f"camera password variable {camera.password_env} is not set")
+    userinfo = quote(camera.username, safe="")
+    if password is not None:
+        userinfo += ":" + quote(password, safe="")
+    parts = urlsplit(source)
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
+
+
 def open_capture(source: int | str, *, timeout_s: float = 10.0) -> cv2.VideoCapture:
-    """An opened capture or StreamError saying why not."""
+    """An opened capture or StreamError saying why not (without the source's credentials)."""
+    shown = mask_userinfo(str(source))
     if is_file(source) and not Path(source).is_file():
-        raise StreamError(f"no such video file: {source}")
-    if is_device(source):
-        cap = cv2.VideoCapture(source, cv2.CAP_V4L2)
-    elif is_stream(source):
-        # Bounded open and read so that a dead stream surfaces as an error, not a hung thread.
-        ms = int(timeout_s * 1000)
-        cap = cv2.VideoCapture(source, cv2.CAP_FFMPEG,
-                               [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
-    else:
-        cap = cv2.VideoCapture(str(source))
+        raise StreamError(f"no such video file: {shown}")
+    try:
+        if is_device(source):
+            cap = cv2.VideoCapture(source, cv2.CAP_V4L2)
+        elif is_stream(source):
+            # Bounded open and read so that a dead stream surfaces as an error, not a hung thread.
+            ms = int(timeout_s * 1000)
+            cap = cv2.VideoCapture(source, cv2.CAP_FFMPEG,
+                                   [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
+        else:
+            cap = cv2.VideoCapture(str(source))
+    except cv2.error as e:  # OpenCV's text may quote the URL it was given
+        raise StreamError(f"cannot open video source {shown}: {mask_userinfo(str(e))}") from e
     if not cap.isOpened():
         cap.release()
-        raise StreamError(f"cannot open video source {source}")
+        raise StreamError(f"cannot open video source {shown}")
     return cap
+
+
+def jpeg_within(jpeg: bytes, max_bytes: int, *, min_side: int = 32) -> bytes | None:
+    """The JPEG as it is when it fits ``max_bytes``, else re-encoded at lower quality and then at
+    smaller sizes until it does; None when even a ``min_side`` pixel image would not fit."""
+    if len(jpeg) <= max_bytes:
+        return jpeg
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    while image is not None and min(image.shape[:2]) >= min_side:
+        for quality in (70, 40):
+            ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            if ok and len(buf) <= max_bytes:
+                return buf.tobytes()
+        height, width = image.shape[:2]
+        image = cv2.resize(image, (max(1, width * 2 // 3), max(1, height * 2 // 3)), interpolation=cv2.INTER_AREA)
+    return None
 
 
 def source_fps(cap: cv2.VideoCapture, default: float = 25.0) -> float:
@@ -259,16 +296,16 @@ class LatestFrameReader:
             self._stall_reported = True
             self.state = "stalled"
             self._down_since = self.last_frame_at
-            self.on_event("camera.frame_stall", {"source": self.safe_source(), "seconds_without_frame": round(age, 3)})
+            self._event("camera.frame_stall", {"source": self.safe_source(), "seconds_without_frame": round(age, 3)})
 
     # --- reader thread ---------------------------------------------------------------------
     def safe_source(self) -> str:
-        """The source without credentials (rtsp://user:pass@host)."""
-        s = str(self.source)
-        u = urlparse(s)
-        if u.password:
-            return s.replace(f"{u.username}:{u.password}@", f"{u.username}:***@")
-        return s
+        """The source without credentials (rtsp://user:pass@host -> rtsp://***@host)."""
+        return mask_userinfo(str(self.source))
+
+    def _event(self, type_: str, data: dict) -> None:
+        """Events go to Kafka: no text in them may carry a URL's credentials (OpenCV errors quote it)."""
+        self.on_event(type_, {k: mask_userinfo(v) if isinstance(v, str) else v for k, v in data.items()})
 
     def _run(self) -> None:
         delay = self.camera.reconnect_min_s
@@ -276,12 +313,18 @@ class LatestFrameReader:
             self.last_attempt_at = time.monotonic()
             try:
                 # Reads time out after twice stall_s: frame_stall is reported first, then reconnect.
-                cap = open_capture(self.source, timeout_s=2 * self.camera.stall_s)
+                cap = open_capture(credentialed_source(self.camera), timeout_s=2 * self.camera.stall_s)
             except StreamError as e:
                 delay = self._failed(str(e), delay)
                 continue
-            ended = self._read_until_failure(cap)
-            cap.release()
+            try:
+                ended = self._read_until_failure(cap)
+            except Exception as e:  # noqa: BLE001 - a decoder surprise must not end the reader for good
+                log.exception("camera %s: reading failed", self.camera.id)
+                delay = self._failed(f"reading failed: {type(e).__name__}: {e}", delay)
+                continue
+            finally:
+                cap.release()
             if ended:
                 return
             delay = self.camera.reconnect_min_s if self.frames_read else delay
@@ -296,8 +339,8 @@ class LatestFrameReader:
         if self._down_since is None:
             self._down_since = time.monotonic()
         if was_online:
-            self.on_event("camera.offline", {"source": self.safe_source(), "reason": reason})
-        self.on_event("camera.stream_error", {"source": self.safe_source(), "error": reason,
+            self._event("camera.offline", {"source": self.safe_source(), "reason": reason})
+        self._event("camera.stream_error", {"source": self.safe_source(), "error": reason,
                                               "attempt": self.errors, "retry_in_s": round(delay, 3)})
         log.warning("camera %s: %s; retrying in %.1f s", self.camera.id, reason, delay)
         self._stop.wait(delay)
@@ -316,7 +359,7 @@ class LatestFrameReader:
             if not ok:
                 if is_file(self.source) and not self.camera.loop and n_since_open > 0:
                     self.state = "ended"
-                    self.on_event("camera.offline", {"source": self.safe_source(), "reason": "end of file"})
+                    self._event("camera.offline", {"source": self.safe_source(), "reason": "end of file"})
                     return True
                 return False
             n_since_open += 1
@@ -332,7 +375,7 @@ class LatestFrameReader:
             self.state = "running"
             self._down_since = None
             if not back:
-                self.on_event("camera.online", {"source": self.safe_source(),
+                self._event("camera.online", {"source": self.safe_source(),
                                                 "width": int(image.shape[1]), "height": int(image.shape[0])})
         self._stall_reported = False
         self.frames_read += 1

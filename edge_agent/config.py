@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -158,6 +159,9 @@ class CameraConfig(Strict):
     reconnect_min_s: float = Field(1.0, gt=0)  # backoff between attempts to (re)open the source
     reconnect_max_s: float = Field(30.0, gt=0)
     down_after_s: float = Field(60.0, gt=0)  # no frames this long: alert.camera_down (once per outage)
+    # Stream credentials kept out of the file: put into the URL only when the stream is opened.
+    username: str | None = Field(None, min_length=1)
+    password_env: str | None = None
     lines: list[LineConfig] = []
     zones: list[ZoneConfig] = []
 
@@ -167,6 +171,19 @@ class CameraConfig(Strict):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"line/zone ids must be unique per camera: {', '.join(dup)}")
+        return self
+
+    @model_validator(mode="after")
+    def _credentials_for_a_stream_url(self) -> "CameraConfig":
+        if self.username is None and self.password_env is None:
+            return self
+        if self.username is None:
+            raise ValueError("password_env needs a username")
+        netloc = urlsplit(self.source.strip()).netloc
+        if not netloc:
+            raise ValueError("username and password_env apply to a stream URL (rtsp://host/…) only")
+        if "@" in netloc:
+            raise ValueError("credentials go either in the source URL or in username/password_env, not both")
         return self
 
 

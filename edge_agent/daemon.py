@@ -94,8 +94,10 @@ class Agent:
             self.commands = CommandProcessor(
                 self, device_id=cfg.device_id, topic_prefix=cfg.mqtt.topic_prefix,
                 secret=command_secret(cfg), window_s=cfg.commands.window_s,
-                emit=self.emit, publish=self.uplink.publish_direct)
+                emit=self.emit, publish=self.uplink.publish_direct,
+                max_packet_size=self.uplink.max_packet_size)
             self.uplink.set_command_handler(self.commands.on_message)
+            self.health.add(self.commands.thread)
         if live is not None:
             live.set_callbacks(emit=self.emit, on_change=self.apply_change)
 

@@ -5,6 +5,7 @@ The version is a short sha256 of the file's bytes, so the operator's
 is on disk. Remote patches (RFC 7396 JSON merge patch) and hand edits go
 through one gate: parse, validate with ``config.parse_agent``, check secrets,
 and only then replace the running config. A broken edit never replaces it.
+A remote patch may change only ``REMOTE_CHANGEABLE``; the rest takes a hand edit.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from watchdog.observers import Observer
 
 from .config import AgentConfig, ConfigError, missing_secrets, parse_agent, parse_yaml_mapping
 from .envelope import Draft
-from .files import atomic_write
+from .files import atomic_write, remove_stale_temps
+from .logs import mask_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,20 @@ Source = Literal["remote", "file"]
 AUDIT_STREAM = "audit.logs"
 # Editors save in several steps (truncate, write, rename); wait for the burst to end.
 DEBOUNCE_S = 0.3
+REDACTED = "***"  # what get_config shows instead of a secret
+
+Key = tuple[str, ...]  # a place in a config document: ("cameras", "cam-1", "fps")
+
+# What a remote set_config may change: the run-time knobs an operator needs from afar. The rest
+# (identity, the MQTT endpoint, credentials and TLS, commands, HTTP, file paths) and any ``*_env``
+# name takes a local edit: a signed command must not be able to send the host's secrets
+# elsewhere or loosen the guard on commands.
+REMOTE_CHANGEABLE: tuple[Key, ...] = (("cameras",), ("report",), ("log",), ("model", "confidence"),
+                                      ("model", "nms_iou"), ("model", "classes"), ("model", "threads"))
+# A camera whose password comes from the environment keeps its URL and user: re-pointing
+# them would send that password to another host.
+_CREDENTIAL_BOUND = ("source", "username")
+_ABSENT = object()
 
 
 class VersionConflict(Exception):
@@ -50,6 +66,14 @@ class ConfigRejected(Exception):
     def __init__(self, problems: list[str]):
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+class ChangeForbidden(ConfigRejected):
+    """A remote patch that changes what only a local edit of the file may change (HTTP-like 403)."""
+
+    def __init__(self, paths: list[str]):
+        super().__init__([f"{p}: only a local edit of the config file may change this" for p in paths])
+        self.paths = paths
 
 
 def version_of(raw: bytes) -> str:
@@ -73,26 +97,94 @@ class ConfigChange:
     changed: list[str] = field(default_factory=list)  # dotted paths
 
 
-def changed_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
+def changed_paths(old: Any, new: Any) -> list[str]:
     """Dotted paths where two JSON-like values differ; lists of objects with ``id`` are keyed by it."""
+    return [".".join(key) or "(root)" for key in changed_keys(old, new)]
+
+
+def changed_keys(old: Any, new: Any, *, leaves: bool = False, here: Key = ()) -> list[Key]:
+    """Where two JSON-like values differ. A key on one side only is one change; with ``leaves``
+    it is followed down to every value under it (a new camera: each of its settings)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
+        out: list[Key] = []
         for key in sorted(set(old) | set(new), key=str):
-            here = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old or key not in new:
-                out.append(here)
+            at = here + (str(key),)
+            if key in old and key in new:
+                out.extend(changed_keys(old[key], new[key], leaves=leaves, here=at))
+            elif leaves:
+                out.extend(changed_keys(old.get(key, _ABSENT), new.get(key, _ABSENT), leaves=True, here=at))
             else:
-                out.extend(changed_paths(old[key], new[key], here))
+                out.append(at)
         return out
     if _id_keyed(old) and _id_keyed(new):
-        return changed_paths({x["id"]: x for x in old}, {x["id"]: x for x in new}, prefix)
-    return [] if old == new else [prefix or "(root)"]
+        return changed_keys(_by_id(old), _by_id(new), leaves=leaves, here=here)
+    if old is _ABSENT or new is _ABSENT:
+        present = new if old is _ABSENT else old
+        if isinstance(present, dict) or _id_keyed(present):
+            empty: Any = {} if isinstance(present, dict) else []
+            return changed_keys(empty if old is _ABSENT else old, empty if new is _ABSENT else new,
+                                leaves=True, here=here)
+    return [] if old == new else [here]
 
 
 def _id_keyed(value: Any) -> bool:
     if not isinstance(value, list) or not all(isinstance(x, dict) and "id" in x for x in value):
         return False
-    return len({x["id"] for x in value}) == len(value)
+    try:
+        return len({x["id"] for x in value}) == len(value)
+    except TypeError:  # an unhashable id (a list in a remote patch) keys nothing
+        return False
+
+
+def _by_id(items: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    return {x["id"]: x for x in items}
+
+
+# --- what a remote patch may change ---------------------------------------------------------
+
+def forbidden_remote_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted paths where a remote patch turning document ``old`` into ``new`` changes what it may not."""
+    bound = _cameras_with_env_password(old) | _cameras_with_env_password(new)
+    return [".".join(key) for key in changed_keys(old, new, leaves=True) if not _remote_may_change(key, bound)]
+
+
+def _remote_may_change(key: Key, env_password_cameras: set[str]) -> bool:
+    if key and key[0] not in AgentConfig.model_fields:
+        return True  # not a setting: validation refuses it as an unknown key (422)
+    if any(name.endswith("_env") for name in _setting_names(key)):
+        return False
+    if key[:1] == ("cameras",) and len(key) >= 3 and key[1] in env_password_cameras \
+            and key[2] in _CREDENTIAL_BOUND:
+        return False
+    return any(key[:len(allowed)] == allowed for allowed in REMOTE_CHANGEABLE)
+
+
+def _setting_names(key: Key) -> Key:
+    """The key without the camera, line and zone ids (an id may end in ``_env``, a setting name does)."""
+    if key[:1] != ("cameras",):
+        return key
+    names = key[:1] + key[2:3]
+    return names + key[4:] if key[2:3] in (("lines",), ("zones",)) else names + key[3:]
+
+
+def _cameras_with_env_password(document: dict[str, Any]) -> set[str]:
+    cameras = document.get("cameras")
+    if not isinstance(cameras, list):
+        return set()
+    return {str(c["id"]) for c in cameras if isinstance(c, dict) and "id" in c and c.get("password_env")}
+
+
+def keep_hidden_values(old: Any, new: Any) -> Any:
+    """``new`` with every string that is ``old``'s as get_config shows it (URL credentials masked,
+    secrets redacted) put back to ``old``'s: a config fetched, edited and sent back keeps them."""
+    if isinstance(old, str) and isinstance(new, str):
+        return old if new != old and new in (mask_userinfo(old), REDACTED) else new
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {k: keep_hidden_values(old[k], v) if k in old else v for k, v in new.items()}
+    if _id_keyed(old) and _id_keyed(new):
+        before = _by_id(old)
+        return [keep_hidden_values(before[x["id"]], x) if x["id"] in before else x for x in new]
+    return new
 
 
 def parse_document(raw: bytes, *, check_secrets: bool = True) -> tuple[dict[str, Any], AgentConfig]:
@@ -134,6 +226,8 @@ class LiveConfig:
                  check_secrets: bool = True):
         self.path = Path(path).absolute()
         self.backup_path = self.path.with_name(self.path.name + ".bak")
+        for written in (self.path, self.backup_path):  # what a write cut short by a crash left
+            remove_stale_temps(written)
         self._emit = emit
         self._on_change = on_change
         self._lock = threading.RLock()
@@ -170,12 +264,14 @@ class LiveConfig:
 
     def apply_patch(self, patch: Any, expected_version: str | None, *,
                     correlation_id: str | None = None) -> ConfigChange:
-        """Merge ``patch`` into the file on disk, validate, write atomically, apply."""
+        """Merge ``patch`` into the file on disk, check it changes only ``REMOTE_CHANGEABLE``
+        (else ChangeForbidden), validate, write atomically (the backup with the file's mode), apply."""
         if not isinstance(patch, dict):
             raise ConfigRejected(["patch: must be a JSON object (RFC 7396 merge patch)"])
         with self._lock:
             try:
                 raw = self.path.read_bytes()
+                mode = self.path.stat().st_mode & 0o7777
             except OSError as e:
                 raise ConfigRejected([f"(file): cannot read {self.path}: {e.strerror or e}"]) from e
             on_disk = version_of(raw)
@@ -185,9 +281,13 @@ class LiveConfig:
             merged = json_merge_patch.merge(copy.deepcopy(document), copy.deepcopy(patch))
             if not isinstance(merged, dict):
                 raise ConfigRejected(["(file): the top level must be a mapping"])
+            merged = keep_hidden_values(document, merged)
+            forbidden = forbidden_remote_changes(document, merged)
+            if forbidden:
+                raise ChangeForbidden(forbidden)
             new_cfg = validate(merged)
             new_raw = dump_document(merged)
-            atomic_write(self.backup_path, raw)
+            atomic_write(self.backup_path, raw, mode=mode)
             atomic_write(self.path, new_raw)
             return self._accept(ConfigState(version_of(new_raw), merged, new_cfg), "remote", correlation_id)
 

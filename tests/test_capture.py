@@ -13,8 +13,8 @@ import cv2
 import pytest
 from brokers import free_port, wait_for
 
-from edge_agent.capture import (LatestFrameReader, StreamError, is_device, is_stream, iter_file_frames,
-                                open_capture, parse_source)
+from edge_agent.capture import (LatestFrameReader, StreamError, credentialed_source, is_device, is_stream,
+                                iter_file_frames, jpeg_within, open_capture, parse_source)
 from edge_agent.config import CameraConfig
 
 
@@ -190,7 +190,60 @@ def test_http_stream_stall_is_reported_once_then_reconnects(mjpeg_camera):
 
 def test_credentials_never_reach_events():
     reader = LatestFrameReader(CameraConfig(id="c", source="rtsp://admin:secret@10.0.0.1/s"), Events())
-    assert "secret" not in reader.safe_source() and "admin:***@" in reader.safe_source()
+    assert reader.safe_source() == "rtsp://***@10.0.0.1/s"
+
+
+def test_credentials_from_the_environment_go_into_the_url_only_when_opening(monkeypatch):
+    monkeypatch.setenv("EDGE_TEST_CAM_PW", "p@ss:w/rd")
+    cam = CameraConfig(id="c", source="rtsp://10.0.0.1:554/s?x=1", username="ad min", password_env="EDGE_TEST_CAM_PW")
+    assert credentialed_source(cam) == "rtsp://ad%20min:p%40ss%3Aw%2Frd@10.0.0.1:554/s?x=1"
+    assert credentialed_source(cam.model_copy(update={"password_env": None})) == "rtsp://ad%20min@10.0.0.1:554/s?x=1"
+    assert credentialed_source(CameraConfig(id="c", source="3")) == 3
+    monkeypatch.delenv("EDGE_TEST_CAM_PW")
+    with pytest.raises(StreamError, match="EDGE_TEST_CAM_PW is not set"):
+        credentialed_source(cam)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("camera", [
+    {"source": "rtsp://admin:hunter2@127.0.0.1:{port}/s"},
+    {"source": "rtsp://127.0.0.1:{port}/s", "username": "admin", "password_env": "EDGE_TEST_CAM_PW"},
+])
+def test_a_failing_stream_with_credentials_reports_errors_without_them(monkeypatch, caplog, camera):
+    """A stream that refuses: every event and log line of its failures names the host, never the password."""
+    monkeypatch.setenv("EDGE_TEST_CAM_PW", "hunter2")
+    events = Events()
+    cam = CameraConfig(id="c", reconnect_min_s=0.05, reconnect_max_s=0.1,
+                       **{**camera, "source": camera["source"].format(port=free_port())})
+    reader = LatestFrameReader(cam, events)
+    with caplog.at_level("DEBUG"):
+        reader.start()
+        try:
+            wait_for(lambda: len(events.of("camera.stream_error")) >= 2, 30, message="two failed attempts")
+        finally:
+            reader.stop()
+    assert "hunter2" not in repr(events.items) and "hunter2" not in caplog.text
+    assert "127.0.0.1" in events.of("camera.stream_error")[0]["error"]
+
+
+def test_open_capture_errors_do_not_quote_credentials(tmp_path):
+    with pytest.raises(StreamError) as e:
+        open_capture(f"http://user:hunter2@127.0.0.1:{free_port()}/x.mjpg", timeout_s=2)
+    assert "hunter2" not in str(e.value) and "http://***@127.0.0.1" in str(e.value)
+
+
+def test_jpeg_within_reencodes_smaller_until_it_fits():
+    import numpy as np
+
+    image = np.random.default_rng(7).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    assert jpeg_within(jpeg, len(jpeg)) is jpeg  # fits: untouched
+    smaller = jpeg_within(jpeg, 30_000)
+    assert smaller is not None and len(smaller) <= 30_000
+    decoded = cv2.imdecode(np.frombuffer(smaller, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded is not None and decoded.shape[1] < 640
+    assert jpeg_within(jpeg, 100) is None  # not even a thumbnail fits
+    assert jpeg_within(b"not a jpeg" * 100, 10) is None
 
 
 def test_missing_file_becomes_a_stream_error_event(tmp_path: Path):
@@ -203,3 +256,25 @@ def test_missing_file_becomes_a_stream_error_event(tmp_path: Path):
     finally:
         reader.stop()
     assert "no such video file" in events.of("camera.stream_error")[0]["error"]
+
+
+@pytest.mark.timeout(60)
+def test_an_unexpected_error_while_reading_is_reported_and_the_reader_goes_on(footage):
+    events = Events()
+    cam = CameraConfig(id="c", source=str(footage("TUD-Campus")), loop=True, reconnect_min_s=0.05)
+    reader = LatestFrameReader(cam, events)
+    publish, calls = reader._publish, []
+
+    def fails_once(image):  # a bug or a decoder surprise on the third frame
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("decoder surprise")
+        publish(image)
+
+    reader._publish = fails_once
+    reader.start()
+    try:
+        wait_for(lambda: reader.frames_read > 10, 30, message=lambda: f"frames read {reader.frames_read}")
+    finally:
+        reader.stop()
+    assert [e["error"] for e in events.of("camera.stream_error")] == ["reading failed: RuntimeError: decoder surprise"]

@@ -18,7 +18,8 @@ from edge_agent import config as cfgmod
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 # Secrets named by the example files' *_env keys.
-EXAMPLE_SECRETS = {name: "s3cret" for name in ("EDGE_MQTT_PASSWORD", "EDGE_CMD_SECRET", "EDGE_BRIDGE_MQTT_PASSWORD",
+EXAMPLE_SECRETS = {name: "s3cret" for name in ("EDGE_MQTT_PASSWORD", "EDGE_CMD_SECRET", "EDGE_CAM1_PASSWORD",
+                                               "EDGE_BRIDGE_MQTT_PASSWORD",
                                                "EDGE_KAFKA_PASSWORD", "EDGE_ADMIN_TOKEN", "EDGE_SYSTEM_TOKEN")}
 
 MINIMAL_AGENT = "device_id: gw-001\n"
@@ -192,3 +193,24 @@ def test_kind_of() -> None:
     assert cfgmod.kind_of({"kafka": {}}) == "bridge"
     assert cfgmod.kind_of({"device_id": "x", "kafka": {}}) == "agent"  # then kafka is an unknown key
     assert cfgmod.kind_of({}) == "agent"
+
+
+# --- camera credentials from the environment -------------------------------------------------
+
+def test_camera_credentials_can_come_from_the_environment(tmp_path: Path) -> None:
+    text = MINIMAL_AGENT + ("cameras: [{id: cam-1, source: 'rtsp://10.0.0.5/s', username: viewer, "
+                            "password_env: EDGE_TEST_CAM_PW}]\n")
+    result = check_config(write(tmp_path, text))
+    assert problem_lines(result) == ["cameras.0.password_env: environment variable EDGE_TEST_CAM_PW is not set"]
+    assert check_config(write(tmp_path, text), {"EDGE_TEST_CAM_PW": "x"}).returncode == 0
+
+
+@pytest.mark.parametrize("camera, why", [
+    ({"source": "rtsp://10.0.0.5/s", "password_env": "PW"}, "password_env needs a username"),
+    ({"source": "/dev/video0", "username": "u"}, "stream URL"),
+    ({"source": "file:///a.mp4", "username": "u"}, "stream URL"),
+    ({"source": "rtsp://a:b@10.0.0.5/s", "username": "u"}, "not both"),
+])
+def test_camera_credentials_need_a_stream_url_without_its_own(camera: dict, why: str) -> None:
+    with pytest.raises(ValidationError, match=why):
+        cfgmod.CameraConfig(id="c", **camera)

@@ -11,8 +11,8 @@ import yaml
 
 from brokers import wait_for
 from edge_agent.envelope import Draft
-from edge_agent.liveconfig import (ConfigChange, ConfigRejected, LiveConfig, VersionConflict, changed_paths,
-                                   version_of)
+from edge_agent.liveconfig import (ChangeForbidden, ConfigChange, ConfigRejected, LiveConfig, VersionConflict,
+                                   changed_paths, version_of)
 
 BASE = {
     "device_id": "gw-1",
@@ -192,3 +192,112 @@ def test_request_reload_works_without_the_file_watch(live: LiveConfig, cfg_file:
     live.request_reload()
     wait_for(lambda: live.rec.changes, 10)  # type: ignore[attr-defined]
     assert live.config.report.interval_s == 9 and live.rec.changes[0].source == "file"  # type: ignore[attr-defined]
+
+
+# --- what a remote patch may change -------------------------------------------------------------
+
+CAM_WITH_ENV_PASSWORD = {"id": "cam-3", "source": "rtsp://10.0.0.3/s", "username": "viewer",
+                         "password_env": "EDGE_TEST_CAM3_PW"}
+
+
+@pytest.fixture
+def guarded(cfg_file: Path, monkeypatch: pytest.MonkeyPatch):
+    """A live config with a camera whose password comes from the environment, and the secrets set."""
+    for var in ("EDGE_TEST_CAM3_PW", "EDGE_TEST_CMD_SECRET", "EDGE_TEST_OTHER"):
+        monkeypatch.setenv(var, "x")
+    cfg_file.write_text(yaml.safe_dump({**BASE, "cameras": BASE["cameras"] + [CAM_WITH_ENV_PASSWORD],
+                                        "commands": {"hmac_secret_env": "EDGE_TEST_CMD_SECRET"}}))
+    rec = Recorder()
+    lc = LiveConfig(cfg_file, emit=rec.emit, on_change=rec.on_change)
+    lc.rec = rec  # type: ignore[attr-defined]
+    return lc
+
+
+def cameras_with(**cam3: object) -> list[dict]:
+    return BASE["cameras"] + [{**CAM_WITH_ENV_PASSWORD, **cam3}]
+
+
+@pytest.mark.parametrize("patch, refused", [
+    ({"mqtt": {"host": "10.6.6.6"}}, ["mqtt.host"]),
+    ({"mqtt": {"password_env": "EDGE_TEST_CMD_SECRET", "tls": None}}, ["mqtt.password_env"]),
+    ({"mqtt": {"tls": {"insecure": True}}}, ["mqtt.tls.insecure"]),
+    ({"commands": {"hmac_secret_env": "EDGE_TEST_OTHER"}}, ["commands.hmac_secret_env"]),
+    ({"commands": None}, ["commands.hmac_secret_env"]),  # deleting the section would turn signing off
+    ({"commands": {"enabled": False}}, ["commands.enabled"]),
+    ({"device_id": "gw-2"}, ["device_id"]),
+    ({"http": {"listen": "0.0.0.0:9108"}}, ["http.listen"]),
+    ({"outbox": {"path": "/tmp/x"}}, ["outbox.path"]),
+    ({"state_dir": "/tmp/state"}, ["state_dir"]),
+    ({"model": {"path": "/tmp/evil.onnx", "confidence": 0.5}}, ["model.path"]),
+    ({"cameras": cameras_with(password_env="EDGE_TEST_CMD_SECRET")}, ["cameras.cam-3.password_env"]),
+    ({"cameras": cameras_with(source="rtsp://10.6.6.6/s")}, ["cameras.cam-3.source"]),  # would take the password along
+    ({"cameras": cameras_with(username="root")}, ["cameras.cam-3.username"]),
+    ({"cameras": BASE["cameras"]}, ["cameras.cam-3.password_env", "cameras.cam-3.source", "cameras.cam-3.username"]),
+    ({"cameras": cameras_with() + [{"id": "cam-9", "source": "rtsp://10.6.6.6/s", "username": "u",
+                                    "password_env": "EDGE_TEST_CMD_SECRET"}]},
+     ["cameras.cam-9.password_env", "cameras.cam-9.source", "cameras.cam-9.username"]),
+])
+def test_a_remote_patch_may_not_change_identity_endpoints_secrets_or_paths(
+        guarded: LiveConfig, cfg_file: Path, patch: dict, refused: list[str]) -> None:
+    before, version = cfg_file.read_bytes(), guarded.state.version
+    with pytest.raises(ChangeForbidden) as e:
+        guarded.apply_patch(patch, version)
+    assert e.value.paths == refused
+    assert cfg_file.read_bytes() == before and guarded.state.version == version
+    assert not (cfg_file.parent / "agent.yaml.bak").exists()
+    assert not guarded.rec.changes  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("patch", [
+    {"report": {"interval_s": 5}},
+    {"log": {"level": "DEBUG"}},
+    {"model": {"confidence": 0.5, "nms_iou": 0.5, "classes": ["person", "car"], "threads": 1}},
+    {"cameras": cameras_with(fps=2, lines=[{"id": "door_env", "points": [[0.5, 0.0], [0.5, 1.0]]}])},
+    {"cameras": [{"id": "cam_env", "source": "rtsp://10.0.0.9/s", "enabled": False}] + cameras_with()},
+    {"cameras": [BASE["cameras"][0], CAM_WITH_ENV_PASSWORD]},  # removing a camera without env credentials
+])
+def test_a_remote_patch_may_change_cameras_report_log_and_model_knobs(guarded: LiveConfig, patch: dict) -> None:
+    change = guarded.apply_patch(patch, guarded.state.version)
+    assert change.changed
+
+
+def test_hand_edits_are_not_restricted(guarded: LiveConfig, cfg_file: Path) -> None:
+    doc = yaml.safe_load(cfg_file.read_text())
+    doc["mqtt"] = {"host": "10.0.0.77"}
+    doc["commands"]["hmac_secret_env"] = "EDGE_TEST_OTHER"
+    cfg_file.write_text(yaml.safe_dump(doc))
+    change = guarded.reload()
+    assert change is not None and {"mqtt.host", "commands.hmac_secret_env"} <= set(change.changed)
+
+
+def test_a_config_fetched_masked_and_sent_back_keeps_its_credentials(cfg_file: Path) -> None:
+    from edge_agent.commands import redact
+
+    cfg_file.write_text(yaml.safe_dump({**BASE, "cameras": [{"id": "cam-1", "source": "rtsp://admin:pw@10.0.0.1/s"}]}))
+    live = LiveConfig(cfg_file)
+    shown = redact(live.state.document)
+    assert shown["cameras"][0]["source"] == "rtsp://***@10.0.0.1/s"
+    shown["cameras"][0]["fps"] = 2
+    change = live.apply_patch({"cameras": shown["cameras"]}, live.state.version)
+    assert change.changed == ["cameras.cam-1.fps"]
+    assert yaml.safe_load(cfg_file.read_text())["cameras"][0]["source"] == "rtsp://admin:pw@10.0.0.1/s"
+
+
+def test_the_backup_keeps_the_config_files_mode(cfg_file: Path) -> None:
+    cfg_file.chmod(0o600)
+    backup = cfg_file.parent / "agent.yaml.bak"
+    backup.write_text("old")
+    backup.chmod(0o644)  # a backup from before: it must not keep a wider mode either
+    live = LiveConfig(cfg_file)
+    live.apply_patch({"report": {"interval_s": 5}}, live.state.version)
+    assert backup.stat().st_mode & 0o777 == 0o600 and cfg_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_temp_files_of_a_crashed_write_are_removed_at_start(cfg_file: Path) -> None:
+    stale = [cfg_file.parent / ".agent.yaml.0123456789abcdef.tmp", cfg_file.parent / ".agent.yaml.k2j4_x9q.tmp",
+             cfg_file.parent / ".agent.yaml.bak.0123456789abcdef.tmp"]
+    others = [cfg_file.parent / ".other.yaml.0123456789abcdef.tmp", cfg_file.parent / "notes.tmp"]
+    for path in stale + others:
+        path.write_text("half written")
+    LiveConfig(cfg_file)
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in others)
