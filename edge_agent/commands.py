@@ -29,7 +29,6 @@ from typing import Any, Callable, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import metrics
-from .capture import jpeg_within
 from .envelope import Draft, new_trace_id, utc_now_iso
 from .liveconfig import REDACTED, ChangeForbidden, ConfigRejected, VersionConflict
 from .logs import clip, mask_userinfo
@@ -545,6 +544,8 @@ class CommandProcessor:
             raise CommandError(404, f"unknown camera {clip(a.camera_id, 64)!r}") from e
         if jpeg is None:
             raise CommandError(404, f"camera {clip(a.camera_id, 64)!r} has no frame yet")
+        from .capture import jpeg_within  # OpenCV: loaded by the first snapshot, not by an idle agent
+
         fitting = jpeg_within(jpeg, self._jpeg_budget(a.camera_id, ctx))
         if fitting is None:
             raise CommandError(413, "no snapshot of this camera fits the broker's maximum packet size")
