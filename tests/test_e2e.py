@@ -7,6 +7,8 @@ a private Mosquitto, and the Kafka-protocol broker (or EDGE_TEST_KAFKA's).
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import yaml
@@ -34,23 +36,38 @@ def write_bridge_config(tmp_path, broker, kafka, topics: dict[str, str], dlq: st
     return path, http_port
 
 
-def test_outbox_empties_only_once_kafka_has_every_message(tmp_path, mosquitto, kafka, agent_process):
+@dataclass
+class Deployment:
+    """A bridge and an agent on one private Mosquitto, with Kafka topics of their own."""
+
+    topics: dict[str, str]
+    dlq: str
+    bridge: Any
+    agent_port: int
+    api: AgentApi
+
+
+def deploy_bridge_and_agent(tmp_path, mosquitto, kafka, agent_process, name: str) -> Deployment:
     if getattr(kafka, "sasl", False):
         pytest.skip("this test writes a PLAINTEXT bridge config")
     tag = uuid.uuid4().hex[:8]
-    topics = {s: f"e2e-{tag}-{s}" for s in STREAMS}
-    create_topics(kafka, [*topics.values(), f"e2e-{tag}-dlq"])
+    topics = {s: f"{name}-{tag}-{s}" for s in STREAMS}
+    dlq = f"{name}-{tag}-dlq"
+    create_topics(kafka, [*topics.values(), dlq])
     broker = mosquitto()
-
-    bridge_cfg, bridge_port = write_bridge_config(tmp_path, broker, kafka, topics, f"e2e-{tag}-dlq")
+    bridge_cfg, bridge_port = write_bridge_config(tmp_path, broker, kafka, topics, dlq)
     bridge = agent_process(["bridge", "-c", str(bridge_cfg)])
     bridge.wait_listening("127.0.0.1", bridge_port, 30)
-
     agent_cfg, agent_port = write_agent_config(tmp_path, broker)
     agent = agent_process(["run", "-c", str(agent_cfg)])
     api = AgentApi(agent_port)
     api.wait_up(agent)
+    return Deployment(topics, dlq, bridge, agent_port, api)
 
+
+def test_outbox_empties_only_once_kafka_has_every_message(tmp_path, mosquitto, kafka, agent_process):
+    d = deploy_bridge_and_agent(tmp_path, mosquitto, kafka, agent_process, "e2e")
+    topics, bridge, api = d.topics, d.bridge, d.api
     ids = publish_many(api, "notifications", 0, 300)
     ids += publish_many(api, "audit.logs", 300, 50)
     wait_for(lambda: api.status()["outbox"]["depth"] == 0, 90,
