@@ -7,11 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from . import config as cfgmod
+from edge_agent.common.config import ConfigError
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    kind, problems = cfgmod.check_file(Path(args.config))
+    from edge_agent.config_check import check_file
+
+    kind, problems = check_file(Path(args.config))
     if problems:
         for line in problems:
             print(line, file=sys.stderr)
@@ -23,35 +25,36 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _load_or_exit(loader, path: str):
     try:
         return loader(Path(path))
-    except cfgmod.ConfigError as e:
+    except ConfigError as e:
         for line in e.problems:
             print(line, file=sys.stderr)
         raise SystemExit(2)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import run_agent
+    from edge_agent.agent.daemon import run_agent
 
     return run_agent(Path(args.config))
 
 
 def _cmd_bridge(args: argparse.Namespace) -> int:
-    from .bridge import run_bridge
+    from edge_agent.bridge.daemon import run_bridge
 
     return run_bridge(Path(args.config))
 
 
 def _cmd_outbox(args: argparse.Namespace) -> int:
-    from .outbox import Outbox
+    from edge_agent.agent.config import load_agent
+    from edge_agent.agent.outbox import Outbox
 
-    cfg = _load_or_exit(cfgmod.load_agent, args.config)
+    cfg = _load_or_exit(load_agent, args.config)
     with Outbox.open_readonly(cfg.outbox) as box:
         print(json.dumps(box.stats(), indent=None if args.json else 2))
     return 0
 
 
 def _cmd_count(args: argparse.Namespace) -> int:
-    from .pipeline import count_command
+    from edge_agent.vision.offline import count_command
 
     return count_command(args)
 

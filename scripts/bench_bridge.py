@@ -45,9 +45,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
-from edge_agent.envelope import Envelope  # noqa: E402
-from brokers import (TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics, free_port, process_cpu_seconds,  # noqa: E402
-                     start_mosquitto, wait_for)
+from edge_agent.common.envelope import Envelope  # noqa: E402
+from edge_testkit.brokers import TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics, free_port, process_cpu_seconds, start_mosquitto, wait_for
 
 PREFIX = "bench"
 # One device with one camera: one record key, so that our bridge (key <device>/<camera>), the naive
@@ -84,9 +83,9 @@ def bridge_config(mqtt_port: int, kafka: str, topic: str, client_id: str, http_p
 # --- child processes: one bridge each, timed from start to the last Kafka confirmation ----------
 
 def drain_ours(args: argparse.Namespace) -> float:
-    from edge_agent.bridge import Bridge
-    from edge_agent.config import BridgeConfig
-    from edge_agent.metrics import BRIDGE_PRODUCED
+    from edge_agent.bridge.worker import Bridge
+    from edge_agent.bridge.config import BridgeConfig
+    from edge_agent.common.metrics import BRIDGE_PRODUCED
 
     cfg = BridgeConfig.model_validate(bridge_config(args.mqtt_port, args.kafka, args.topic, args.client_id,
                                                     free_port()))
@@ -163,7 +162,7 @@ def cpu_seconds() -> float:
 
 
 def child_main(args: argparse.Namespace) -> None:
-    import edge_agent.bridge  # noqa: F401 - imports are not part of the drain
+    import edge_agent.bridge.worker  # noqa: F401 - imports are not part of the drain
 
     if args.child == "naive-serve":
         serve_naive(args)
@@ -191,7 +190,7 @@ def create_session(port: int, client_id: str, topic_filter: str) -> None:
 
 
 def envelope(seq: int, data: dict[str, Any], cameras: int = CAMERAS) -> bytes:
-    from edge_agent.envelope import build, encode
+    from edge_agent.common.envelope import build, encode
 
     return encode(build("gw-bench", seq, "counting.crossing", data, camera_id=f"cam-{seq % cameras}"))
 

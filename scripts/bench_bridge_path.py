@@ -34,10 +34,11 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import bench_bridge as bb  # noqa: E402
-from brokers import TansuBroker, create_topics, start_mosquitto, wait_for  # noqa: E402
+from edge_testkit.brokers import TansuBroker, create_topics, start_mosquitto, wait_for  # noqa: E402
 
-from edge_agent.bridge import Bridge, freeze_startup_heap  # noqa: E402
-from edge_agent.config import BridgeConfig  # noqa: E402
+from edge_agent.bridge.worker import Bridge  # noqa: E402
+from edge_agent.bridge.daemon import freeze_startup_heap
+from edge_agent.bridge.config import BridgeConfig  # noqa: E402
 
 STAGES = [("pub", "recv"), ("recv", "produce"), ("produce", "deliv"), ("deliv", "settle"), ("pub", "deliv")]
 

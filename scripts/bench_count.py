@@ -28,11 +28,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_agent.capture import iter_file_frames, video_size  # noqa: E402
-from edge_agent.config import LineConfig, ModelConfig  # noqa: E402
-from edge_agent.count import Segment  # noqa: E402
-from edge_agent.detect import Detector  # noqa: E402
-from edge_agent.pipeline import count_video, parse_line_arg  # noqa: E402
+from edge_agent.vision.capture import iter_file_frames, video_size  # noqa: E402
+from edge_agent.vision.config import LineConfig, ModelConfig  # noqa: E402
+from edge_agent.vision.count import Segment  # noqa: E402
+from edge_agent.vision.detect import Detector  # noqa: E402
+from edge_agent.vision.offline import count_video, parse_line_arg  # noqa: E402
 
 SHARED = Path(os.environ.get("EDGE_SHARED_DIR", REPO.parent / "shared"))
 CLIPS = {"PETS09-S2L1": "PETS09-S2L1.avi", "TUD-Campus": "TUD-Campus.mp4", "TUD-Stadtmitte": "TUD-Stadtmitte.mp4"}
@@ -128,8 +128,8 @@ def run_worker(video: Path, model: ModelConfig, lines: list[LineConfig], seconds
     import tempfile
     import threading
 
-    from edge_agent.config import CameraConfig
-    from edge_agent.pipeline import CameraWorker
+    from edge_agent.vision.config import CameraConfig
+    from edge_agent.agent.worker import CameraWorker
 
     drafts = []
     lock = threading.Lock()
@@ -159,7 +159,7 @@ def stage_split(video: Path, model: ModelConfig, lines: list[LineConfig], frames
     in scheduler ticks, so only its mean means something), and pre+post+tracking as % of inference."""
     import statistics
 
-    from edge_agent.pipeline import CountingStage
+    from edge_agent.vision.stage import CountingStage
 
     detector = Detector(model)
     width, height, src_fps, _ = video_size(video)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from brokers import TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics, start_mosquitto
+from edge_testkit.brokers import TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics, start_mosquitto
 
 
 def timed(action: Callable[[], object]) -> float:

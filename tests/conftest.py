@@ -11,32 +11,16 @@ Env overrides:
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # so test modules can `import brokers`
-
-from brokers import (
-    AgentProcess,
-    ExternalKafka,
-    ExternalMqtt,
-    ManagedProcess,
-    MosquittoBroker,
-    Pki,
-    TansuBroker,
-    TlsKafka,
-    parse_host_port,
-    start_mosquitto,
-    start_stunnel,
-    start_tls_kafka,
-)
-from brokers import (
-    shared_dir as _shared_dir,
-)
+from edge_testkit.brokers import (AgentProcess, ExternalKafka, ExternalMqtt, ManagedProcess, MosquittoBroker, Pki,
+                                  TansuBroker, TlsKafka, parse_host_port, start_mosquitto, start_stunnel,
+                                  start_tls_kafka)
+from edge_testkit.brokers import shared_dir as _shared_dir
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -1,0 +1,1 @@
+"""The camera-host daemon: outbox, uplink, commands, live config, HTTP, cameras."""

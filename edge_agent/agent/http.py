@@ -1,0 +1,298 @@
+"""The agent's loopback HTTP: liveness, metrics, status, and the local publish endpoint.
+
+Local producers on the camera host (a door sensor script, a second analytics process) hand
+events to the outbox here. A stdlib threading server keeps the idle agent small; the
+bridge, with its auth and OpenAPI, uses FastAPI instead.
+
+Bounded, because anything on the host can connect: a body's size is checked from its
+Content-Length before it is read (413), a missing or malformed Content-Length is a 4xx,
+every socket read has a timeout, and past ``max_connections`` a new connection gets 503
+at once instead of a thread of its own. Every malformed request gets a JSON 4xx answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edge_agent.agent.outbox import (
+    EnvelopeTooLarge,
+    Outbox,
+    OutboxClosed,
+    OutboxFull,
+    OutboxUnavailable,
+)
+from edge_agent.common import metrics
+from edge_agent.common.envelope import MAX_MESSAGE_BYTES, Draft
+from edge_agent.common.logs import clip
+from edge_agent.common.supervised import SupervisedThread
+from edge_agent.common.wire import STREAMS
+
+log = logging.getLogger(__name__)
+
+Health = Callable[[], tuple[int, dict[str, Any]]]
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
+# Where a field of the Draft/Envelope came from in the request, for a 400 that names it.
+_REQUEST_FIELD = {"type": "message.type", "camera_id": "message.camera_id", "trace_id": "message.trace_id",
+                  "data": "message", "correlation_id": "X-Correlation-ID"}
+# http.server's own 5xx answers to what is really a client's mistake.
+_CLIENT_CODE = {HTTPStatus.NOT_IMPLEMENTED: HTTPStatus.METHOD_NOT_ALLOWED,
+                HTTPStatus.HTTP_VERSION_NOT_SUPPORTED: HTTPStatus.BAD_REQUEST}
+
+
+class PublishRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    topic: str
+    message: dict[str, Any]
+    key: str | None = None
+
+
+def draft_from_publish(req: PublishRequest, correlation_id: str | None = None) -> Draft:
+    """DESIGN: ``message`` becomes ``data``; ``type`` and ``camera_id`` come from the message when given.
+
+    Raises pydantic's ValidationError when they break the envelope's rules (e.g. a 200-char type).
+    """
+    msg = req.message
+    type_ = msg["type"] if isinstance(msg.get("type"), str) and msg["type"] else "external"
+    camera = msg.get("camera_id") if isinstance(msg.get("camera_id"), str) else None
+    trace = msg.get("trace_id") if isinstance(msg.get("trace_id"), str) else None
+    return Draft(stream=req.topic, type=type_, data=msg, camera_id=camera,
+                 correlation_id=correlation_id, trace_id=trace)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("duplicate key in an object")
+    return doc
+
+
+def strict_json(body: bytes) -> Any:
+    """The body as strict JSON: NaN, Infinity and duplicate keys are errors (ValueError), as is deep nesting.
+
+    What a producer sends is what the envelope carries: pydantic's parser would take NaN (and
+    store null) or keep the last of two keys.
+    """
+    try:
+        return json.loads(body, parse_constant=_not_json, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _error(code: int, text: str) -> tuple[int, dict]:
+    return code, {"status": "error", "error": text}
+
+
+def _first_error(e: ValidationError, fields: dict[str, str] | None = None) -> str:
+    first = e.errors(include_url=False)[0]
+    loc = [str(p) for p in first["loc"]]
+    if fields and loc and loc[0] in fields:
+        loc[0] = fields[loc[0]]
+    return f"{'.'.join(loc) or 'body'}: {first['msg']}"
+
+
+def _refuse_busy(sock: socket.socket) -> None:
+    """Past the connection cap: a 503 written straight from the accept loop, never blocking it."""
+    body = b'{"status": "error", "error": "too many connections"}'
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+    try:
+        sock.setblocking(False)
+        sock.send(head + body)  # a few bytes into an empty socket buffer: does not block
+        sock.recv(65536)  # what the client already sent: closing on unread bytes would reset the answer
+    except OSError:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # The stdlib default listen backlog of 5 resets connections when a burst of local producers arrives.
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type, max_connections: int):
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            _refuse_busy(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # the client went away
+            log.debug("http: connection from %s ended early", client_address)
+            return
+        log.exception("http: unexpected error serving %s", client_address)
+
+
+class AgentHttp:
+    def __init__(self, host: str, port: int, outbox: Outbox, status: Callable[[], dict], *,
+                 health: Health | None = None, max_body: int = MAX_MESSAGE_BYTES,
+                 max_connections: int = 64, read_timeout_s: float = 10.0):
+        self.outbox = outbox
+        self.status = status
+        self.health = health or (lambda: (200, {"status": "ok"}))
+        self.max_body = max_body
+        handler = type("Handler", (_Handler,), {"app": self, "timeout": read_timeout_s})
+        self.server = _Server((host, port), handler, max_connections)
+        self.thread = SupervisedThread("agent-http", self.server.serve_forever)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.thread.stop_restarting()
+        if self.thread.is_alive():  # shutdown() waits for serve_forever, which never ran otherwise
+            self.server.shutdown()
+        self.server.server_close()
+
+    def publish(self, body: bytes, correlation_id: str | None) -> tuple[int, dict]:
+        try:
+            req = PublishRequest.model_validate(strict_json(body))
+        except ValidationError as e:
+            return _error(400, _first_error(e))
+        except ValueError as e:  # not strict JSON (UnicodeDecodeError is one too)
+            return _error(400, f"body: invalid JSON: {clip(str(e), 120)}")
+        if req.topic not in STREAMS:
+            return _error(400, f"topic must be one of {', '.join(STREAMS)}")
+        try:
+            env = self.outbox.put(draft_from_publish(req, correlation_id))
+        except ValidationError as e:  # the envelope's own rules, before anything is queued
+            return _error(400, _first_error(e, _REQUEST_FIELD))
+        except EnvelopeTooLarge as e:
+            return _error(413, str(e))
+        except OutboxFull as e:  # the size cap refuses, or the disk is full
+            return _error(507, str(e))
+        except OutboxClosed:
+            return _error(503, "agent is stopping")
+        except (OutboxUnavailable, TimeoutError) as e:
+            return _error(503, f"outbox unavailable: {e}")
+        return 200, {"status": "ok", "messageId": env.id, "seq": env.seq}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    app: AgentHttp
+    protocol_version = "HTTP/1.1"
+    # A two-word request line is HTTP/0.9 to the stdlib, which then answers without a status line.
+    default_request_version = "HTTP/1.0"
+
+    def log_message(self, fmt: str, *args) -> None:  # access logs stay at debug
+        log.debug("http %s", clip(fmt % args))
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, headers, method) as JSON, never a 5xx."""
+        status = HTTPStatus(_CLIENT_CODE.get(code, code))
+        self.close_connection = True
+        self._json(status, {"status": "error", "error": message or status.phrase})
+
+    def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, code: int, doc: Any) -> None:
+        self._send(code, json.dumps(doc).encode())
+
+    def _answer(self, code: int, doc: dict, *, close: bool = False) -> None:
+        if close:  # the body was not read: what follows on the socket is not a request
+            self.close_connection = True
+        self._json(code, doc)
+
+    def _has_body(self) -> bool:
+        return bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length", "0").strip() != "0"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        path = self.path.split("?", 1)[0]
+        close = self._has_body()  # a GET body is not read: the connection cannot be reused
+        try:
+            if path == "/healthz":
+                self._answer(*self.app.health(), close=close)
+            elif path == "/metrics":
+                self.close_connection = self.close_connection or close
+                body, ctype = metrics.exposition()
+                self._send(200, body, ctype)
+            elif path == "/api/v1/status":
+                self._answer(200, self.app.status(), close=close)
+            else:
+                self._answer(404, {"status": "error", "error": "not found"}, close=close)
+        except (OSError, TimeoutError):
+            raise  # the client went away: nothing to answer
+        except Exception:  # noqa: BLE001 - a bug of ours answers 500, the connection is not just dropped
+            log.exception("http: GET %s failed", clip(path))
+            self._answer(500, {"status": "error", "error": "internal error"}, close=True)
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        if path != "/api/v1/queue/publish":
+            self._answer(404, {"status": "error", "error": "not found"}, close=True)
+            return
+        length = self._body_length()
+        if length is None:
+            return
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self._answer(*_error(408, f"body not received within {self.timeout} s"), close=True)
+            return
+        if len(body) < length:  # the client stopped sending (half-closed) before the whole body
+            self._answer(*_error(400, f"body ended after {len(body)} of {length} bytes"), close=True)
+            return
+        try:
+            code, doc = self.app.publish(body, self.headers.get("X-Correlation-ID"))
+        except Exception:  # noqa: BLE001 - a bug of ours answers 500, the connection is not just dropped
+            log.exception("http: publish failed")
+            code, doc = _error(500, "internal error")
+        self._answer(code, doc)
+
+    def _body_length(self) -> int | None:
+        """The declared body length, or None once a 4xx has answered a missing, bad or too big one."""
+        if self.headers.get("Transfer-Encoding"):
+            self._answer(*_error(411, "send the body with a Content-Length (no chunked encoding)"), close=True)
+            return None
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            self._answer(*_error(411, "Content-Length required"), close=True)
+            return None
+        if len({v.strip() for v in values}) != 1 or not _CONTENT_LENGTH.fullmatch(values[0].strip()):
+            self._answer(*_error(400, f"bad Content-Length {clip(values[0], 40)!r}"), close=True)
+            return None
+        length = int(values[0])
+        if length > self.app.max_body:
+            self._answer(*_error(413, f"body of {length} bytes is over the limit of {self.app.max_body}"),
+                         close=True)
+            return None
+        return length

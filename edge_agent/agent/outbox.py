@@ -1,0 +1,684 @@
+"""The durable outbox: store and forward on the camera host's disk (diskcache / SQLite).
+
+Every envelope is written here before anything tries to send it, and leaves only when
+the bridge acknowledges end to end that Kafka has it.
+
+Layout: one diskcache ``Cache`` keyed by ``seq`` (an integer, so SQLite orders it), each
+value ``b"<stream>\\n<envelope json>"``, and the ``seq`` counter under the key ``"seq"`` in
+the same transaction, so ``seq`` is gapless and survives restarts. A single writer thread
+owns all writes: puts are grouped into one transaction per batch (group commit), so a
+``put`` returns only when its entry is durable while the fsync cost is shared.
+
+In memory we keep per stream the seqs not yet sent (FIFO) and the set of seqs in flight;
+payloads stay on disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import queue
+import shutil
+import sqlite3
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import diskcache
+from pydantic import ValidationError
+
+from edge_agent.agent.config import OutboxConfig
+from edge_agent.common import metrics
+from edge_agent.common.envelope import Draft, Envelope, build, encode, utc_now_iso
+from edge_agent.common.files import atomic_write
+from edge_agent.common.logs import clip
+from edge_agent.common.supervised import SupervisedThread
+from edge_agent.common.wire import STREAM_PRIORITY, STREAMS, seq_ranges
+
+log = logging.getLogger(__name__)
+
+_SEQ_KEY = "seq"
+_SYNCHRONOUS = {"always": 2, "batch": 2, "never": 0}  # SQLite PRAGMA synchronous: FULL / OFF
+_SIDECAR_EVERY = 1000  # the seq high-water mark beside the outbox is refreshed this often
+_CORRUPT_SEQ_MARGIN = 2 * _SIDECAR_EVERY
+_OVERFLOW_REPORT_EVERY_S = 1.0  # overflow reports are coalesced: they take room themselves
+# What an envelope adds to the JSON of its Draft, at most: "v", "id" (36), "seq" (19 digits),
+# "ts" (24), a generated trace id, and the keys of "device_id" (its value is added separately).
+_ENVELOPE_OVERHEAD = 200
+_READ_RETRY_S = 1.0  # after a transient read error (locked, I/O) the uplink gets nothing this long
+
+
+_WAKE = object()  # queued to make the writer apply pending deletes
+
+
+class OutboxFull(Exception):
+    """The outbox is at ``max_bytes`` and its policy refuses the entry."""
+
+
+class OutboxDiskFull(OutboxFull):
+    """The disk under the outbox is full (SQLite "database or disk is full", ENOSPC)."""
+
+
+class OutboxClosed(Exception):
+    pass
+
+
+class OutboxBusy(Exception):
+    """A transient read error: the entry is still there, try again later."""
+
+
+class _StoreFailed(Exception):
+    """The transaction of a commit failed: nothing of it is stored (the writer's own signal)."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+class EnvelopeTooLarge(ValueError):
+    """The entry's envelope would be over ``max_message_bytes``: the bridge would not forward it whole."""
+
+
+class OutboxUnavailable(Exception):
+    """The outbox could not store the entry (a storage error other than a full disk)."""
+
+
+@dataclass
+class _Put:
+    draft: Draft
+    future: Future = field(default_factory=Future)
+
+
+def refusal_reason(e: BaseException) -> str:
+    """A put's failure as a metric label (``edge_outbox_dropped_total{reason}``)."""
+    for kind, reason in ((OutboxDiskFull, "disk_full"), (OutboxFull, "full"), (OutboxClosed, "closed"),
+                         (EnvelopeTooLarge, "too_large"), (ValidationError, "invalid")):
+        if isinstance(e, kind):
+            return reason
+    return "error"
+
+
+def _storage_error(e: BaseException) -> Exception:
+    """What a failed store means to the one who put the entry."""
+    if isinstance(e, (OutboxFull, OutboxClosed)):
+        return e
+    if (isinstance(e, sqlite3.OperationalError) and "full" in str(e)) or (
+            isinstance(e, OSError) and e.errno == errno.ENOSPC):
+        return OutboxDiskFull(f"disk full: the outbox cannot store more ({e})")
+    return OutboxUnavailable(f"outbox cannot store: {type(e).__name__}: {e}")
+
+
+@dataclass
+class StoredEntry:
+    seq: int
+    stream: str
+    payload: bytes  # the envelope JSON
+
+
+def _pack(stream: str, payload: bytes) -> bytes:
+    return stream.encode() + b"\n" + payload
+
+
+def _unpack(value: bytes) -> tuple[str, bytes]:
+    stream, _, payload = value.partition(b"\n")
+    return stream.decode(), payload
+
+
+def stored_entries(cache: diskcache.Cache) -> Iterator[tuple[int, str, bytes, int]]:
+    """Every entry on disk in seq order: (seq, stream, envelope JSON, stored size)."""
+    for key in cache.iterkeys():
+        if not isinstance(key, int):  # the seq counter lives beside the entries
+            continue
+        try:
+            value = cache.get(key)
+            stream, payload = _unpack(value) if value is not None else ("", b"")
+        except Exception as e:  # noqa: BLE001 - one damaged row must not hide (or stop) the rest
+            log.error("outbox entry %s is unreadable and skipped: %s", key, clip(f"{type(e).__name__}: {e}"))
+            continue
+        if value is None:
+            continue
+        yield key, stream, payload, len(value)
+
+
+def envelope_time(payload: bytes) -> float:
+    """The envelope's ``ts`` as a Unix time (0.0 when unreadable)."""
+    try:
+        ts = json.loads(payload)["ts"]
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+    except (ValueError, KeyError, TypeError):
+        return 0.0
+
+
+class Outbox:
+    def __init__(self, cfg: OutboxConfig, device_id: str):
+        build(device_id, 1, "probe", {})  # a device id the envelope refuses fails at start, not every put
+        self.cfg = cfg
+        self.device_id = device_id
+        self.path = Path(cfg.path)
+        self.reset_report: dict | None = None  # set when a corrupt outbox was moved aside
+        self._cache = self._open_or_reset()
+        self._lock = threading.Lock()  # guards the in-memory index below
+        self._unsent: dict[str, deque[int]] = {s: deque() for s in STREAMS}
+        self._inflight: dict[int, str] = {}
+        self._stream_of_pending: dict[int, str] = {}
+        self._bytes = 0
+        self._sizes: dict[int, int] = {}
+        self._count: dict[str, int] = {s: 0 for s in STREAMS}
+        self._oldest_ts: tuple[int, float] | None = None  # (seq, its envelope time), read lazily
+        self._gauges_at = 0.0
+        self._seq = 0
+        self._rebuild_index()
+        self._queue: "queue.Queue[_Put | object | None]" = queue.Queue()
+        self._deletes: "queue.Queue[list[int]]" = queue.Queue()
+        self._closed = False
+        self._overflow_pending: dict[str, list[int]] = {}
+        self._overflow_reported_at = 0.0
+        self._read_blocked_until = 0.0
+        self.last_store_error: Exception | None = None  # the last commit's storage error, None once one succeeds
+        self.thread = SupervisedThread("outbox-writer", self._write_loop)
+        self.thread.start()
+        self._refresh_gauges(force=True)
+        if self.reset_report:
+            self._emit_reset_event()
+
+    # --- opening ----------------------------------------------------------------------
+
+    def _cache_settings(self) -> dict:
+        return dict(eviction_policy="none", cull_limit=0, size_limit=2**62, statistics=0,
+                    sqlite_synchronous=_SYNCHRONOUS[self.cfg.fsync], sqlite_journal_mode="wal")
+
+    def _sidecar(self) -> Path:
+        return self.path.with_name(self.path.name + ".seq")
+
+    def _open_or_reset(self) -> diskcache.Cache:
+        """Open the outbox; a corrupt one is moved aside so the agent starts instead of crash-looping."""
+        try:
+            cache = diskcache.Cache(str(self.path), **self._cache_settings())
+            self._probe(cache)
+            return cache
+        except (sqlite3.DatabaseError, OSError, ValueError) as e:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            log.error("outbox at %s cannot be opened (%s); moved aside to %s, starting a fresh one",
+                      self.path, e, aside)
+            if self.path.exists():
+                shutil.move(str(self.path), str(aside))
+            self.reset_report = {"path": str(self.path), "moved_to": str(aside), "error": str(e)}
+            cache = diskcache.Cache(str(self.path), **self._cache_settings())
+            # seq must not go back: continue above the last high-water mark we wrote beside it.
+            hwm = self._read_sidecar()
+            if hwm:
+                first = hwm + _CORRUPT_SEQ_MARGIN
+                cache.set(_SEQ_KEY, first)
+                self.reset_report["seq_skipped"] = [hwm + 1, first]
+            return cache
+
+    @staticmethod
+    def _probe(cache: diskcache.Cache) -> None:
+        # Touch the whole table once: a damaged page shows up here, not later in the writer.
+        row = cache._sql("PRAGMA quick_check").fetchone()  # noqa: SLF001 - diskcache exposes no check lite
+        if row and row[0] != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {row[0]}")
+
+    def _read_sidecar(self) -> int:
+        try:
+            return int(self._sidecar().read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _write_sidecar(self, seq: int) -> None:
+        try:
+            atomic_write(self._sidecar(), str(seq).encode())
+        except OSError as e:  # best effort: only matters when the outbox itself is lost
+            log.warning("cannot write seq high-water mark: %s", e)
+
+    def _rebuild_index(self) -> None:
+        self._seq = int(self._cache.get(_SEQ_KEY, 0) or 0)
+        for key, stream, _payload, size in stored_entries(self._cache):
+            if stream not in self._unsent:
+                log.warning("outbox entry %s has unknown stream %r; kept, not sent", key, stream)
+                continue
+            self._unsent[stream].append(key)
+            self._stream_of_pending[key] = stream
+            self._sizes[key] = size
+            self._count[stream] += 1
+            self._bytes += size
+            self._seq = max(self._seq, key)
+        self._seq = max(self._seq, self._read_sidecar() if self.reset_report else 0, self._seq)
+
+    def _emit_reset_event(self) -> None:
+        try:
+            self.put(Draft(stream="camera.events", type="outbox.reset", data=self.reset_report or {}))
+        except Exception:  # noqa: BLE001 - reporting must not stop the start
+            log.exception("cannot record the outbox reset")
+
+    @classmethod
+    def open_readonly(cls, cfg: OutboxConfig) -> "OutboxView":
+        return OutboxView(cfg)
+
+    # --- producing --------------------------------------------------------------------
+
+    def put(self, draft: Draft, timeout: float | None = 30.0) -> Envelope:
+        """Store one entry; returns once it is durable (per the fsync policy).
+
+        The entry is checked here, in the caller's thread, so that a bad one fails alone and
+        never reaches a group commit: the Draft carries the envelope's field rules (pydantic
+        ValidationError when it was built), and its size bounds the envelope's (EnvelopeTooLarge).
+        """
+        if draft.stream not in self._unsent:
+            raise ValueError(f"unknown stream {draft.stream!r}; one of {', '.join(STREAMS)}")
+        if self._closed:
+            raise OutboxClosed("outbox is closed")
+        self._check_size(draft)
+        item = _Put(draft)
+        self._queue.put(item)
+        return item.future.result(timeout=timeout)
+
+    def _check_size(self, draft: Draft) -> None:
+        # An upper bound, not the envelope itself: building it here (ids, time, validation) would
+        # slow the producers enough that the writer's group commits shrink.
+        size = len(draft.model_dump_json()) + len(self.device_id) + _ENVELOPE_OVERHEAD
+        if size > self.cfg.max_message_bytes:
+            raise EnvelopeTooLarge(f"the envelope would be over max_message_bytes {self.cfg.max_message_bytes} "
+                                   f"(about {size} bytes)")
+
+    # --- the writer thread ------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            try:
+                first = self._queue.get(timeout=_OVERFLOW_REPORT_EVERY_S)
+            except queue.Empty:
+                self._maybe_report_overflow()
+                self._recheck_storage()
+                continue
+            if first is None:
+                self._apply_deletes()
+                self._maybe_report_overflow(final=True)
+                return
+            batch = self._gather_batch(first)
+            try:
+                self._apply_deletes()
+                if batch:
+                    self._commit_puts(batch)
+                self._maybe_report_overflow()
+            except BaseException as e:
+                # A bug of ours: nobody waits forever on this batch; the supervisor restarts us.
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(_storage_error(e))
+                raise
+
+    def _gather_batch(self, first: _Put | object) -> list[_Put]:
+        batch = [first] if isinstance(first, _Put) else []
+        limit = 1 if self.cfg.fsync == "always" else self.cfg.batch_max
+        while len(batch) < limit:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._queue.put(None)  # finish this batch, then stop
+                break
+            if isinstance(nxt, _Put):
+                batch.append(nxt)
+        return batch
+
+    def _commit_puts(self, batch: list[_Put]) -> None:
+        """One transaction for the batch; if it fails, each entry alone, so a failure stays its own."""
+        try:
+            self._commit_together(batch)
+        except _StoreFailed as e:
+            if len(batch) == 1:
+                self._fail_put(batch[0], e.error)
+                return
+            log.warning("outbox group commit of %d entries failed (%s); storing them one by one",
+                        len(batch), clip(str(e.error)))
+            for item in batch:
+                try:
+                    self._commit_together([item])
+                except _StoreFailed as one:
+                    self._fail_put(item, one.error)
+
+    def _fail_put(self, item: _Put, error: BaseException) -> None:
+        failure = _storage_error(error)
+        if isinstance(failure, (OutboxDiskFull, OutboxUnavailable)):
+            log.error("outbox cannot store a %s entry: %s", item.draft.stream, clip(str(error)))
+            self.last_store_error = failure
+        item.future.set_exception(failure)
+
+    def _recheck_storage(self) -> None:
+        """After a storage error, one small write per idle second tells when the outbox works again
+        (health must not stay 503 only because no entry came to prove it)."""
+        if not isinstance(self.last_store_error, OutboxUnavailable):
+            return
+        try:
+            with self._cache.transact():
+                self._cache.set(_SEQ_KEY, self._seq)
+        except Exception:  # noqa: BLE001 - still failing: health keeps saying so
+            return
+        log.info("outbox stores again")
+        self.last_store_error = None
+
+    def storage_problem(self) -> str | None:
+        """Why the outbox cannot store at all (health): a storage error other than a full disk."""
+        error = self.last_store_error
+        return str(error) if isinstance(error, OutboxUnavailable) else None
+
+    def _commit_together(self, batch: list[_Put]) -> None:
+        """Store the batch in one transaction (all or nothing); settles the puts only once committed."""
+        results: list[tuple[_Put, Envelope | BaseException]] = []
+        # (seq, stream, size, bytes staged so far): indexed only once committed
+        staged: list[tuple[int, str, int, int]] = []
+        overflow: dict[str, list[int]] = {}
+        first_seq = self._seq
+        try:
+            with self._cache.transact():
+                for item in batch:
+                    try:
+                        results.append((item, self._store_one(item.draft, staged, overflow)))
+                    except (OutboxFull, ValidationError) as e:  # this one fails alone; the others go on
+                        results.append((item, e))
+                self._cache.set(_SEQ_KEY, self._seq)
+        except Exception as e:  # noqa: BLE001 - any storage error: the caller decides per put
+            self._seq = first_seq  # nothing of the batch is stored: its seqs are free again
+            raise _StoreFailed(e) from e
+        self.last_store_error = None
+        with self._lock:
+            for seq, stream, size, _ in staged:
+                self._unsent[stream].append(seq)
+                self._stream_of_pending[seq] = stream
+                self._sizes[seq] = size
+                self._count[stream] += 1
+                self._bytes += size
+        if self._seq // _SIDECAR_EVERY != first_seq // _SIDECAR_EVERY:
+            self._write_sidecar(self._seq)
+        for item, res in results:
+            if isinstance(res, BaseException):
+                item.future.set_exception(res)
+            else:
+                item.future.set_result(res)
+        self._refresh_gauges()
+        for stream, seqs in overflow.items():
+            self._overflow_pending.setdefault(stream, []).extend(seqs)
+        self._maybe_report_overflow()
+
+    def _store_one(self, draft: Draft, staged: list[tuple[int, str, int, int]],
+                   overflow: dict[str, list[int]]) -> Envelope:
+        seq = self._seq + 1
+        env = build(self.device_id, seq, draft.type, draft.data, camera_id=draft.camera_id,
+                    trace_id=draft.trace_id, correlation_id=draft.correlation_id)
+        value = _pack(draft.stream, encode(env))
+        staged_bytes = staged[-1][3] if staged else 0
+        self._make_room(len(value) + staged_bytes, overflow)
+        self._cache.set(seq, value)
+        self._seq = seq
+        staged.append((seq, draft.stream, len(value), staged_bytes + len(value)))
+        return env
+
+    def _make_room(self, size: int, overflow: dict[str, list[int]]) -> None:
+        """Drop the oldest entries of the lowest-priority stream until ``size`` fits."""
+        if self._bytes + size <= self.cfg.max_bytes:
+            return
+        if self.cfg.overflow == "refuse":
+            raise OutboxFull(f"outbox full ({self._bytes} of {self.cfg.max_bytes} bytes)")
+        for stream in STREAM_PRIORITY[:-1]:  # audit.logs is never dropped
+            while self._bytes + size > self.cfg.max_bytes:
+                victim = self._oldest_of(stream)
+                if victim is None:
+                    break
+                self._cache.delete(victim)
+                with self._lock:
+                    self._drop_from_index(victim)
+                overflow.setdefault(stream, []).append(victim)
+                metrics.OUTBOX_DROPPED.labels(stream=stream, reason="overflow").inc()
+            if self._bytes + size <= self.cfg.max_bytes:
+                return
+        raise OutboxFull(f"outbox full of audit records ({self._bytes} of {self.cfg.max_bytes} bytes)")
+
+    def _oldest_of(self, stream: str) -> int | None:
+        with self._lock:
+            # In-flight entries are older than the unsent ones of their stream; the window is small.
+            candidates = [s for s, st in self._inflight.items() if st == stream]
+            if self._unsent[stream]:
+                candidates.append(self._unsent[stream][0])
+            return min(candidates) if candidates else None
+
+    def _drop_from_index(self, seq: int) -> None:
+        stream = self._stream_of_pending.pop(seq, None)
+        if stream is None:
+            return
+        if self._inflight.pop(seq, None) is None:  # not in flight: it is in the unsent queue
+            q = self._unsent[stream]
+            if q and q[0] == seq:
+                q.popleft()
+            elif seq in q:  # O(n), but only for an ack of an entry we never sent (after a restart)
+                q.remove(seq)
+        self._bytes -= self._sizes.pop(seq, 0)
+        self._count[stream] -= 1
+
+    def _maybe_report_overflow(self, final: bool = False) -> None:
+        """Store one ``outbox.overflow`` event naming the dropped seq ranges, at most once a second."""
+        now = time.monotonic()
+        if not self._overflow_pending or (not final and now - self._overflow_reported_at < _OVERFLOW_REPORT_EVERY_S):
+            return
+        pending, self._overflow_pending = self._overflow_pending, {}
+        self._overflow_reported_at = now
+        data = {"dropped": {s: seq_ranges(seqs) for s, seqs in pending.items()},
+                "count": sum(len(v) for v in pending.values()), "max_bytes": self.cfg.max_bytes}
+        log.warning("outbox overflow: dropped %d entries %s", data["count"], clip(data["dropped"], 2000))
+        report = Draft(stream="camera.events", type="outbox.overflow", data=data)
+        try:
+            self._check_size(report)
+        except EnvelopeTooLarge:  # too many scattered ranges for one envelope: their span and count
+            data["dropped"] = {s: [[min(seqs), max(seqs)]] for s, seqs in pending.items()}
+            report = Draft(stream="camera.events", type="outbox.overflow", data={**data, "ranges_truncated": True})
+        # We are on the writer thread: commit the report here rather than wait on our own queue.
+        self._commit_puts([_Put(report)])
+
+    # --- consuming (the uplink) -------------------------------------------------------
+
+    def take_unsent(self, limit: int) -> list[StoredEntry]:
+        """Up to ``limit`` entries not yet sent, highest-priority stream first, FIFO within a stream.
+
+        An entry that cannot be read is dropped (logged and counted); a transient read error
+        puts the rest back and pauses taking for a moment.
+        """
+        if time.monotonic() < self._read_blocked_until:
+            return []
+        picked: list[tuple[int, str]] = []
+        with self._lock:
+            for stream in reversed(STREAM_PRIORITY):
+                q = self._unsent[stream]
+                while q and len(picked) < limit:
+                    seq = q.popleft()
+                    self._inflight[seq] = stream
+                    picked.append((seq, stream))
+        out = []
+        for i, (seq, stream) in enumerate(picked):
+            try:
+                entry = self.get(seq)
+            except OutboxBusy:
+                self.requeue(s for s, _ in picked[i:])
+                break
+            if entry is None:  # acked or dropped meanwhile
+                with self._lock:
+                    self._inflight.pop(seq, None)
+                continue
+            out.append(entry)
+        return out
+
+    def get(self, seq: int) -> StoredEntry | None:
+        """The stored entry; None when it is gone (acked, dropped, or unreadable and now dropped).
+
+        Raises OutboxBusy on a transient read error (locked, I/O): the entry stays.
+        """
+        try:
+            value = self._cache.get(seq)
+            return None if value is None else StoredEntry(seq, *_unpack(value))
+        except (sqlite3.OperationalError, diskcache.Timeout, OSError) as e:
+            self._read_blocked_until = time.monotonic() + _READ_RETRY_S
+            log.warning("outbox read of seq %s failed, retrying in %.0f s: %s", seq, _READ_RETRY_S,
+                        clip(str(e)))
+            raise OutboxBusy(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - a damaged row (bad page, undecodable value)
+            self._drop_unreadable(seq, e)
+            return None
+
+    def _drop_unreadable(self, seq: int, error: Exception) -> None:
+        with self._lock:
+            stream = self._stream_of_pending.get(seq, "?")
+            self._drop_from_index(seq)
+        metrics.OUTBOX_DROPPED.labels(stream=stream, reason="unreadable").inc()
+        log.error("outbox entry %s (%s) is unreadable and dropped: %s", seq, stream,
+                  clip(f"{type(error).__name__}: {error}"), extra={"seq": seq, "stream": stream})
+        self._deletes.put([seq])
+        self._queue.put(_WAKE)
+
+    def requeue_inflight(self) -> None:
+        """Every in-flight entry back to the front of its stream (after a reconnect or an uplink crash)."""
+        with self._lock:
+            seqs = list(self._inflight)
+        self.requeue(seqs)
+
+    def requeue(self, seqs: Iterable[int]) -> None:
+        """In-flight entries go back to the front of their stream (after a reconnect)."""
+        with self._lock:
+            for seq in sorted(seqs, reverse=True):
+                stream = self._inflight.pop(seq, None)
+                if stream is not None and seq in self._stream_of_pending:
+                    self._unsent[stream].appendleft(seq)
+
+    def ack(self, seqs: Iterable[int]) -> int:
+        """Delete acknowledged entries; returns how many were still here."""
+        gone = []
+        with self._lock:
+            for seq in seqs:
+                if seq in self._stream_of_pending:
+                    self._drop_from_index(seq)
+                    gone.append(seq)
+        if gone:
+            self._deletes.put(gone)
+            self._queue.put(_WAKE)  # wake the writer so deletes do not wait for the next put
+            metrics.ACKED.inc(len(gone))
+            self._refresh_gauges()
+        return len(gone)
+
+    def _apply_deletes(self) -> None:
+        seqs: list[int] = []
+        while True:
+            try:
+                seqs.extend(self._deletes.get_nowait())
+            except queue.Empty:
+                break
+        if not seqs:
+            return
+        # A lost delete only means a duplicate send later, so no fsync is owed here.
+        with self._cache.transact():
+            for seq in seqs:
+                self._cache.delete(seq)
+
+    # --- state ------------------------------------------------------------------------
+
+    def depth(self) -> int:
+        with self._lock:
+            return len(self._stream_of_pending)
+
+    def unsent_count(self) -> int:
+        with self._lock:
+            return sum(len(q) for q in self._unsent.values())
+
+    def _oldest_age_s(self) -> float:
+        """Age of the oldest entry, from its envelope's ``ts`` (so it survives restarts)."""
+        with self._lock:
+            heads = [q[0] for q in self._unsent.values() if q]
+            if self._inflight:
+                heads.append(min(self._inflight))
+        if not heads:
+            return 0.0
+        oldest = min(heads)
+        if self._oldest_ts is None or self._oldest_ts[0] != oldest:
+            try:
+                entry = self.get(oldest)
+            except OutboxBusy:
+                return 0.0
+            if entry is None:
+                return 0.0
+            self._oldest_ts = (oldest, envelope_time(entry.payload))
+        return round(max(0.0, time.time() - self._oldest_ts[1]), 3)
+
+    def stats(self) -> dict:
+        age = self._oldest_age_s()
+        with self._lock:
+            return {"depth": len(self._stream_of_pending), "bytes": self._bytes,
+                    "max_bytes": self.cfg.max_bytes, "inflight": len(self._inflight),
+                    "oldest_age_s": age, "next_seq": self._seq + 1, "by_stream": dict(self._count),
+                    "last_store_error": str(self.last_store_error) if self.last_store_error else None}
+
+    def _refresh_gauges(self, force: bool = False) -> None:
+        # At thousands of acks a second the gauges need not follow every one.
+        now = time.monotonic()
+        if not force and now - self._gauges_at < 0.2:
+            return
+        self._gauges_at = now
+        with self._lock:
+            counts, size = dict(self._count), self._bytes
+        for stream, n in counts.items():
+            metrics.OUTBOX_DEPTH.labels(stream=stream).set(n)
+        metrics.OUTBOX_BYTES.set(size)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.thread.stop_restarting()
+        self._queue.put(None)
+        self.thread.join(timeout=30)
+        self._refresh_gauges(force=True)
+        self._write_sidecar(self._seq)
+        self._cache.close()
+
+    def __enter__(self) -> "Outbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class OutboxView:
+    """A read-only look at an outbox on disk (``edge-agent outbox``), safe beside a running agent."""
+
+    def __init__(self, cfg: OutboxConfig):
+        self.cfg = cfg
+        self._cache = diskcache.Cache(str(cfg.path), eviction_policy="none", cull_limit=0, size_limit=2**62)
+
+    def stats(self) -> dict:
+        by_stream = {s: {"depth": 0, "bytes": 0} for s in STREAMS}
+        oldest_seq: int | None = None
+        oldest_time = 0.0
+        for key, stream, payload, size in stored_entries(self._cache):
+            slot = by_stream.setdefault(stream, {"depth": 0, "bytes": 0})
+            slot["depth"] += 1
+            slot["bytes"] += size
+            if oldest_seq is None or key < oldest_seq:
+                oldest_seq, oldest_time = key, envelope_time(payload)
+        age = round(max(0.0, time.time() - oldest_time), 3) if oldest_seq is not None else 0.0
+        return {"path": str(self.cfg.path), "depth": sum(v["depth"] for v in by_stream.values()),
+                "bytes": sum(v["bytes"] for v in by_stream.values()), "max_bytes": self.cfg.max_bytes,
+                "oldest_age_s": age, "oldest_seq": oldest_seq,
+                "last_seq": int(self._cache.get(_SEQ_KEY, 0) or 0), "by_stream": by_stream,
+                "now": utc_now_iso()}
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def __enter__(self) -> "OutboxView":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

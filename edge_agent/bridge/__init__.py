@@ -1,0 +1,1 @@
+"""The MQTT -> Kafka bridge daemon and its HTTP API."""

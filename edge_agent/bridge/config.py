@@ -1,0 +1,101 @@
+"""The bridge's config file (``edge-agent bridge -c bridge.yaml``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from edge_agent.common.config import (
+    ConfigError,
+    HttpConfig,
+    LogConfig,
+    MqttConfig,
+    Strict,
+    TlsConfig,
+    parse_bytes,
+    problem_lines,
+    read_yaml,
+)
+from edge_agent.common.envelope import MAX_MESSAGE_BYTES
+from edge_agent.common.wire import STREAMS
+
+
+class BridgeMqttConfig(MqttConfig):
+    share_group: str = Field("bridge", pattern=r"^[^#+/]+$")
+    client_id: str = "bridge-1"
+    receive_maximum: int = Field(1000, ge=1, le=65535)
+
+
+class SaslConfig(Strict):
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    username: str
+    password_env: str
+
+
+class KafkaConfig(Strict):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl: SaslConfig | None = None
+    ssl: TlsConfig | None = None
+    producer: dict[str, Any] = {}  # extra librdkafka settings
+
+    @model_validator(mode="after")
+    def _sasl_when_needed(self) -> "KafkaConfig":
+        if self.security_protocol.startswith("SASL") and self.sasl is None:
+            raise ValueError(f"security_protocol {self.security_protocol} needs a sasl section")
+        return self
+
+
+class RetryConfig(Strict):
+    max_attempts: int = Field(5, ge=1)
+    delay_s: float = Field(2.0, ge=0)
+    backoff: Literal["exponential", "fixed"] = "exponential"
+    max_delay_s: float = Field(60.0, ge=0)
+
+
+class DlqConfig(Strict):
+    topic: str = "dlq"
+
+
+class TokenConfig(Strict):
+    token_env: str
+    role: Literal["admin", "system", "auditor"]
+
+
+class BridgeHttpConfig(HttpConfig):
+    listen: str = Field("127.0.0.1:8080", pattern=r"^.+:\d{1,5}$")
+    tokens: list[TokenConfig] = []
+    device_id: str | None = None  # envelope device_id of API publishes; default: mqtt.client_id
+    docs: bool = False  # serve /docs, /redoc and /openapi.json (off: they map the API for anyone)
+
+
+class BridgeConfig(Strict):
+    mqtt: BridgeMqttConfig = BridgeMqttConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    retry: RetryConfig = RetryConfig()
+    dlq: DlqConfig = DlqConfig()
+    http: BridgeHttpConfig = BridgeHttpConfig()
+    # uplink stream -> Kafka topic
+    topics: dict[str, str] = {s: s for s in STREAMS}
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # the agent bounds its envelopes by the same figure
+    max_inflight: int = Field(5000, ge=1)  # MQTT messages received and not yet settled
+    dedupe_window: int = Field(100_000, ge=0)  # envelope ids remembered
+    ack_interval_ms: float = Field(50.0, gt=0)
+    ack_batch: int = Field(500, ge=1)
+    stall_timeout_s: float = Field(10.0, gt=0)  # no delivery report while records queued: new producer
+    log: LogConfig = LogConfig()
+
+    _parse_size = field_validator("max_message_bytes", mode="before")(lambda cls, v: parse_bytes(v))
+
+
+def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
+    try:
+        return BridgeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(problem_lines(e)) from e
+
+
+def load_bridge(path: Path) -> BridgeConfig:
+    return parse_bridge(read_yaml(path))

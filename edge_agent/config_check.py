@@ -1,0 +1,31 @@
+"""check-config: tells an agent file from a bridge file and validates it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from edge_agent.agent.config import parse_agent
+from edge_agent.bridge.config import parse_bridge
+from edge_agent.common.config import ConfigError, missing_secrets, read_yaml
+
+
+def kind_of(data: dict[str, Any]) -> Literal["agent", "bridge"]:
+    """Agent files name a device; bridge files talk to Kafka."""
+    if "kafka" in data and "device_id" not in data:
+        return "bridge"
+    return "agent"
+
+
+def check_file(path: Path) -> tuple[str, list[str]]:
+    """Validate a config file of either kind: (kind, problem lines)."""
+    try:
+        data = read_yaml(path)
+    except ConfigError as e:
+        return "unknown", e.problems
+    kind = kind_of(data)
+    try:
+        cfg = parse_bridge(data) if kind == "bridge" else parse_agent(data)
+    except ConfigError as e:
+        return kind, e.problems
+    return kind, missing_secrets(cfg)

@@ -1,0 +1,1 @@
+"""Capture, detection, tracking and counting: no MQTT, no outbox, no Kafka."""

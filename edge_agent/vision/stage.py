@@ -1,0 +1,192 @@
+"""capture -> detect -> track -> count, per camera.
+
+``CountingStage`` turns one frame's detections into tracks, crossings and zone occupancy; it is
+the part shared by the daemon's ``CameraWorker`` (live, paced to the camera's fps, events to
+the outbox) and by the offline ``edge-agent count`` command (every frame of a file, one JSON).
+Threads only: per camera one reader thread (capture.py) and one processing thread (here).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.vision.config import LineConfig, ZoneConfig
+from edge_agent.vision.count import Crossing, LineCounter, ZoneCounter
+from edge_agent.vision.detect import LOW_SCORE_FLOOR, Detections
+from edge_agent.vision.track import ByteTracker, TrackedObject, iou_matrix
+
+log = logging.getLogger(__name__)
+
+# A new track needs a box this much above model.confidence (ByteTrack uses 0.1): fewer
+# short-lived tracks from jitter, which make false crossings on lines along walking paths.
+NEW_TRACK_MARGIN = 0.25
+# Debounce: a crossing counts once the track was seen this long on the new side.
+CONFIRM_SECONDS = 0.2
+MIN_CONFIRM_FRAMES = 3
+# Hysteresis: ... and got this many box heights past the line (jitter of the box bottom stays below).
+CONFIRM_MARGIN = 0.07
+# The anchor is averaged over a track's last observations: damps jitter, delays a crossing slightly.
+SMOOTH_FRAMES = 3
+# A track unseen this long is gone (its id will not come back).
+LOST_SECONDS = 1.0
+# ID switch repair: a new track that starts this close (in box heights) to where a track that
+# vanished within HANDOVER_SECONDS would be by now, at its last speed, continues that track's line
+# state: a person hidden by others at the line for a second comes back across it and counts once.
+HANDOVER_DISTANCE = 0.75
+HANDOVER_SECONDS = 1.5
+# Anchors kept per track to estimate its speed for the hand-over (a few, so a turn does not mislead).
+TRAIL_STEPS = 5
+# A new track overlapping a visible one more than this is a second box on that person, not the
+# hidden one come back (it would take over a walker's state and lose the walker's crossing).
+HANDOVER_MAX_IOU = 0.2
+# An occupancy excursion ends after this many frames at or under the limit (no flapping alerts).
+OCCUPANCY_CLEAR_FRAMES = 3
+
+
+def confirm_frames(fps: float) -> int:
+    return max(MIN_CONFIRM_FRAMES, int(round(fps * CONFIRM_SECONDS)))
+
+
+@dataclass
+class StepResult:
+    tracks: list[TrackedObject]
+    crossings: list[Crossing]
+    occupancy: dict[str, int]
+    tracking_ms: float = 0.0
+
+
+class _Trail:
+    """A track's recent bottom-centre anchors; it moves to the new id on an ID switch."""
+
+    def __init__(self) -> None:
+        self.points: deque[tuple[int, float, float]] = deque(maxlen=max(TRAIL_STEPS, SMOOTH_FRAMES))  # (step, x, y)
+        self.step = 0
+        self.class_id = -1
+
+    def add(self, step: int, xyxy: np.ndarray, class_id: int) -> None:
+        x1, _, x2, y2 = xyxy.tolist()
+        self.points.append((step, (x1 + x2) / 2, y2))
+        self.step, self.class_id = step, class_id
+
+    def mean_anchor(self, last: int) -> tuple[float, float]:
+        """The mean of the last ``last`` anchors: damps detector jitter for the line counters."""
+        pts = list(self.points)[-last:]
+        return sum(p[1] for p in pts) / len(pts), sum(p[2] for p in pts) / len(pts)
+
+    def predicted_anchor(self, step: int) -> tuple[float, float]:
+        """The last anchor moved on at the mean speed over the trail (constant velocity)."""
+        s1, x1, y1 = self.points[-1]
+        s0, x0, y0 = self.points[0]
+        if s1 == s0:
+            return x1, y1
+        k = (step - s1) / (s1 - s0)
+        return x1 + (x1 - x0) * k, y1 + (y1 - y0) * k
+
+
+class CountingStage:
+    """Tracker + line and zone counters for one camera's picture size."""
+
+    def __init__(self, lines: list[LineConfig], zones: list[ZoneConfig], width: int, height: int,
+                 class_names: list[str], *, fps: float, confidence: float):
+        self.size = (width, height)
+        self.names = class_names
+        self.tracker = ByteTracker(high_thresh=confidence, low_thresh=min(LOW_SCORE_FLOOR, confidence),
+                                   new_track_thresh=min(confidence + NEW_TRACK_MARGIN, 0.95),
+                                   frame_rate=fps, lost_seconds=LOST_SECONDS)
+        frames = confirm_frames(fps)
+        self.lines = [LineCounter(line, width, height, min_frames=frames, margin=CONFIRM_MARGIN, smooth=SMOOTH_FRAMES)
+                      for line in lines]
+        self.zones = [ZoneCounter(zone, width, height) for zone in zones]
+        self._alive: set[int] = set()
+        self._steps = 0
+        self._trails: dict[int, _Trail] = {}  # id -> where its anchor has been lately
+        self._max_id = 0
+        self._handover_steps = max(1, int(round(fps * HANDOVER_SECONDS)))
+
+    def _hand_over_switched_ids(self, tracks: list[TrackedObject]) -> None:
+        """A brand-new id near where another id vanished lately is the same object (an ID switch).
+
+        "Near" is measured from where the vanished track would be now had it kept walking at
+        its last speed: a person hidden for a few frames by people standing at a line comes
+        back further on, possibly across the line, and must still count once.
+        """
+        new = [t for t in tracks if t.track_id > self._max_id]
+        if not new:
+            return
+        seen_now = {t.track_id for t in tracks}
+        orphans = {tid: trail for tid, trail in self._trails.items()
+                   if tid not in seen_now and self._steps - trail.step <= self._handover_steps}
+        for t in new:
+            if self._overlaps_another(t, tracks):
+                continue  # a second box on someone still visible, not a hidden person come back
+            bottom = ((float(t.xyxy[0]) + float(t.xyxy[2])) / 2, float(t.xyxy[3]))
+            best, best_d = None, HANDOVER_DISTANCE * float(t.xyxy[3] - t.xyxy[1])
+            for tid, trail in orphans.items():
+                if trail.class_id != t.class_id:
+                    continue
+                px, py = trail.predicted_anchor(self._steps)
+                d = float(np.hypot(bottom[0] - px, bottom[1] - py))
+                if d <= best_d:
+                    best, best_d = tid, d
+            if best is not None:
+                self._trails[t.track_id] = self._trails.pop(best)
+                del orphans[best]
+                for line in self.lines:
+                    line.hand_over(best, t.track_id)
+
+    @staticmethod
+    def _overlaps_another(t: TrackedObject, tracks: list[TrackedObject]) -> bool:
+        others = [o.xyxy for o in tracks if o.track_id != t.track_id]
+        return bool(others) and float(iou_matrix(t.xyxy[None], np.array(others)).max()) > HANDOVER_MAX_IOU
+
+    def _remember(self, tracks: list[TrackedObject]) -> None:
+        for t in tracks:
+            trail = self._trails.get(t.track_id)
+            if trail is None:
+                trail = self._trails[t.track_id] = _Trail()
+            trail.add(self._steps, t.xyxy, t.class_id)
+            self._max_id = max(self._max_id, t.track_id)
+        cutoff = self._steps - self._handover_steps
+        if len(self._trails) > 64 or self._steps % 32 == 0:
+            self._trails = {k: v for k, v in self._trails.items() if v.step >= cutoff}
+
+    def step(self, dets: Detections, frame: int, ts: float) -> StepResult:
+        t0 = time.thread_time()  # CPU time, like the detector's pre/postprocessing
+        self._steps += 1
+        tracks = self.tracker.update(dets.xyxy, dets.scores, dets.class_ids)
+        self._hand_over_switched_ids(tracks)
+        self._remember(tracks)
+        crossings: list[Crossing] = []
+        for t in tracks:
+            name = self.names[t.class_id]
+            box = t.xyxy.tolist()  # plain floats: the per-line arithmetic is scalar
+            bottom = self._trails[t.track_id].mean_anchor(SMOOTH_FRAMES)  # once for all lines
+            for line in self.lines:
+                pt = bottom if line.anchor == "bottom_center" else None
+                if line.wants(name) and (c := line.observe(t.track_id, box, name, frame, ts, pt)):
+                    crossings.append(c)
+        alive = self.tracker.active_ids()
+        for gone in self._alive - alive:
+            crossings.extend(c for line in self.lines if (c := line.end_track(gone)))
+        self._alive = alive
+        boxes = [(t.xyxy, self.names[t.class_id]) for t in tracks]
+        occupancy = {z.id: z.occupancy(boxes) for z in self.zones}
+        return StepResult(tracks, crossings, occupancy, (time.thread_time() - t0) * 1e3)
+
+    def finish(self) -> list[Crossing]:
+        """End of the video: every track ends, pending crossings count."""
+        return [c for line in self.lines for c in line.end_all()]
+
+
+# --- edge-agent count ------------------------------------------------------------------------
+
+
+# --- the daemon's per-camera worker ------------------------------------------------------------
+
+
+

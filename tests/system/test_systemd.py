@@ -1,0 +1,164 @@
+"""systemd units and the install script: verified by systemd's own checker, installed into a staging root."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+UNITS = ["edge-agent.service", "edge-bridge.service"]
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+def read_unit(name: str) -> configparser.RawConfigParser:
+    # strict=False: systemd allows a key to repeat (SystemCallFilter=); the last one wins here.
+    parser = configparser.RawConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(REPO / "systemd" / name)
+    return parser
+
+
+def with_local_binary(name: str, into: Path) -> Path:
+    """verify checks that ExecStart exists: point it at this checkout's console script."""
+    exe = Path(sys.executable).with_name("edge-agent")
+    text = (REPO / "systemd" / name).read_text().replace("/opt/edge-agent/venv/bin/edge-agent", str(exe))
+    out = into / name
+    out.write_text(text)
+    return out
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("name", UNITS)
+def test_systemd_analyze_verify_is_clean(name: str, tmp_path: Path) -> None:
+    unit = with_local_binary(name, tmp_path)
+    proc = subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                          timeout=60)
+    # verify exits 0 on unknown keys too: any output at all is a finding.
+    assert proc.returncode == 0 and proc.stdout.strip() == "" and proc.stderr.strip() == "", proc.stderr
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+def test_verify_would_catch_a_broken_unit(tmp_path: Path) -> None:
+    unit = with_local_binary("edge-agent.service", tmp_path)
+    unit.write_text(unit.read_text().replace("Type=notify", "Type=notifyy"))
+    proc = subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                          timeout=60)
+    assert "notifyy" in proc.stderr
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("name", UNITS)
+def test_hardening_keeps_the_exposure_score_low(name: str, tmp_path: Path) -> None:
+    """systemd's own scoring (0 = locked down, 10 = exposed); 1.8 and 1.5 when written."""
+    import re
+
+    unit = with_local_binary(name, tmp_path)
+    proc = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=yes", "--no-pager", str(unit)],
+                          capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout + proc.stderr)
+    if m is None:
+        pytest.skip("this systemd-analyze cannot score unit files offline")
+    assert float(m.group(1)) <= 2.5, proc.stdout[-3000:]
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_units_ask_for_notify_watchdog_restart_and_hardening(name: str) -> None:
+    svc = read_unit(name)["Service"]
+    assert svc["Type"] == "notify" and svc["Restart"] == "on-failure"
+    assert int(svc["WatchdogSec"]) > 0 and svc["StateDirectory"] and svc["ConfigurationDirectory"]
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "ProtectKernelTunables", "ProtectKernelModules",
+                "ProtectControlGroups", "RestrictNamespaces"):
+        assert svc[key] == "yes", key
+    assert svc["ProtectSystem"] == "strict" and svc["CapabilityBoundingSet"] == ""
+    assert "AF_PACKET" not in svc["RestrictAddressFamilies"] and svc["SystemCallArchitectures"] == "native"
+    assert svc.get("User") or svc.get("DynamicUser") == "yes"
+
+
+def test_agent_unit_can_rewrite_its_config_and_read_cameras() -> None:
+    svc = read_unit("edge-agent.service")["Service"]
+    assert svc["User"] == "edge-agent" and svc["SupplementaryGroups"] == "video"
+    assert "/etc/edge-agent" in svc["ReadWritePaths"]  # set_config under ProtectSystem=strict
+    assert "char-video4linux" in svc["DeviceAllow"]
+    assert "-HUP" in svc["ExecReload"]
+
+
+@pytest.mark.timeout(300)
+def test_install_script_stages_venv_units_and_keeps_existing_configs(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    env = {**os.environ, "DESTDIR": str(root), "PREFIX": "/opt/edge-test", "PIP_ARGS": "--no-deps",
+           "PYTHON": sys.executable}
+    run = lambda: subprocess.run(["bash", str(REPO / "scripts" / "install.sh")], env=env, capture_output=True,
+                                 text=True, timeout=280)
+    first = run()
+    assert first.returncode == 0, first.stderr
+    assert (root / "opt/edge-test/venv/bin/edge-agent").exists()
+    unit = (root / "etc/systemd/system/edge-agent.service").read_text()
+    assert "ExecStart=/opt/edge-test/venv/bin/edge-agent run -c /etc/edge-agent/agent.yaml" in unit
+    assert oct((root / "etc/edge-agent/agent.env").stat().st_mode & 0o777) == "0o600"
+    # The example config is a valid config, once its secrets exist.
+    check = subprocess.run([str(root / "opt/edge-test/venv/bin/python"), "-c", "import edge_agent"],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    # An operator's config survives a re-install (upgrade).
+    (root / "etc/edge-agent/agent.yaml").write_text("device_id: mine\n")
+    second = run()
+    assert second.returncode == 0, second.stderr
+    assert (root / "etc/edge-agent/agent.yaml").read_text() == "device_id: mine\n"
+    assert "keeping existing" in second.stdout
+
+
+def test_install_script_refuses_bad_arguments_clearly(tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), "--model", str(tmp_path / "none.onnx")],
+                          env={**os.environ, "DESTDIR": str(tmp_path / "r")}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and "model not found" in proc.stderr
+    assert not (tmp_path / "r").exists()  # nothing half-installed
+
+
+def test_example_configs_are_valid(tmp_path: Path) -> None:
+    env = {**os.environ, "EDGE_MQTT_PASSWORD": "x", "EDGE_CMD_SECRET": "x", "EDGE_BRIDGE_MQTT_PASSWORD": "x",
+           "EDGE_ADMIN_TOKEN": "x"}
+    for name in ("agent.yaml.example", "bridge.yaml.example"):
+        proc = subprocess.run([sys.executable, "-m", "edge_agent", "check-config", "-c", str(REPO / "systemd" / name)],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+
+
+# --- the notify protocol the units rely on (Type=notify + WatchdogSec), for real processes ---
+
+@pytest.mark.timeout(120)
+def test_bridge_speaks_the_notify_protocol_the_unit_expects(tmp_path: Path, mqtt_broker, kafka,
+                                                            agent_process) -> None:
+    import signal
+
+    import yaml
+    from edge_testkit.brokers import free_port, wait_for
+    from edge_testkit.agent import NotifySocket
+
+    notify = NotifySocket(tmp_path / "notify.sock")
+    cfg = {"mqtt": {"host": mqtt_broker.host, "port": mqtt_broker.port, "client_id": "bridge-notify-test"},
+           "kafka": {"bootstrap_servers": kafka.bootstrap}, "http": {"listen": f"127.0.0.1:{free_port()}"}}
+    (tmp_path / "bridge.yaml").write_text(yaml.safe_dump(cfg))
+    try:
+        proc = agent_process(["bridge", "-c", str(tmp_path / "bridge.yaml")], env={"NOTIFY_SOCKET": str(notify.path)})
+        wait_for(lambda: notify.seen("READY=1"), 60, message=lambda: f"READY=1; output: {proc.output()[-2000:]}")
+        # WatchdogSec=60 in edge-bridge.service: without pings systemd would kill a healthy bridge.
+        wait_for(lambda: len(notify.seen("WATCHDOG=1")) >= 2, 30, message="watchdog pings")
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0
+        assert notify.seen("STOPPING=1")
+    finally:
+        notify.close()
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_install_script_passes_shellcheck() -> None:
+    proc = subprocess.run(["shellcheck", str(REPO / "scripts" / "install.sh")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout
