@@ -4,10 +4,12 @@
 ``health``) so that the app can be tested alone. Endpoints that block on Kafka are plain
 ``def`` functions: FastAPI runs them in its threadpool, so the event loop stays free.
 
-Envelopes made here: ``device_id`` is ``http.device_id`` (default: the bridge's MQTT
-client id), ``seq`` counts API publishes of this process from 1 (it restarts with the
-process; consumers drop duplicates by ``id``), ``trace_id`` is new and
-``correlation_id`` comes from the ``X-Correlation-ID`` request header.
+Envelopes made here follow the agent's publish endpoint (``wire.publish_draft``): the
+message is the data and its string ``type``, ``camera_id`` and ``trace_id`` name the
+envelope's (a new trace id when it names none), ``correlation_id`` comes from the
+``X-Correlation-ID`` request header. Only these two are the bridge's own: ``device_id`` is
+``http.device_id`` (default: the bridge's MQTT client id) and ``seq`` counts API publishes
+of this process from 1 (it restarts with the process; consumers drop duplicates by ``id``).
 """
 
 # No "from __future__ import annotations": the endpoints use body models built per app at
@@ -33,9 +35,9 @@ from edge_agent import __version__
 from edge_agent.bridge.config import BridgeConfig
 from edge_agent.bridge.queue_admin import QueueAdminError, RetryResult, TopicStatus
 from edge_agent.common import metrics
-from edge_agent.common.config import env_secret
+from edge_agent.common.config import env_secret, problem_lines
 from edge_agent.common.envelope import Envelope, build, encode
-from edge_agent.common.wire import parse_uplink_topic
+from edge_agent.common.wire import PublishRequest, parse_uplink_topic, publish_draft
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +118,6 @@ def liveness(health: dict[str, Any]) -> tuple[int, dict[str, Any]]:
 
 # --- wire models -----------------------------------------------------------------------------
 
-class PublishRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    topic: str  # narrowed per app to the mapped streams (_with_topics)
-    message: dict[str, Any] = Field(description="becomes the envelope's data; its string `type` the envelope type")
-    key: str | None = Field(None, max_length=1024, description="Kafka record key (default: device/camera)")
-
-
 class PublishResponse(BaseModel):
     status: Literal["ok", "error"]
     messageId: str | None = None  # noqa: N815 - the wire name DESIGN fixes
@@ -193,16 +187,14 @@ class BadMessage(ValueError):
 
 
 def _envelope_for(req: PublishRequest, device_id: str, seq: int, correlation_id: str | None) -> Envelope:
-    """DESIGN: the message is the data; its string ``type``/``camera_id`` name the envelope's."""
-    msg = req.message
-    type_ = msg["type"] if isinstance(msg.get("type"), str) and msg["type"] else "external"
-    camera = msg["camera_id"] if isinstance(msg.get("camera_id"), str) and msg["camera_id"] else None
-    _require_strict_json(msg)
+    """The envelope of a publish: the agent's draft of it (``wire.publish_draft``), as this bridge's device."""
+    _require_strict_json(req.message)
     try:
-        return build(device_id, seq, type_[:128], msg, camera_id=camera, correlation_id=correlation_id)
-    except ValidationError as e:
-        first = e.errors(include_url=False)[0]  # the only fields taken from the message: camera_id, data
-        raise BadMessage(f"message.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        draft = publish_draft(req, correlation_id)
+    except ValidationError as e:  # type, camera_id or trace_id break the envelope's rules
+        raise BadMessage(f"message.{problem_lines(e)[0]}") from None
+    return build(device_id, seq, draft.type, draft.data, camera_id=draft.camera_id, trace_id=draft.trace_id,
+                 correlation_id=draft.correlation_id)
 
 
 def _require_strict_json(msg: dict[str, Any]) -> None:
@@ -283,9 +275,9 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ())) or "request"
-        return _error(422, f"{where}: {first.get('msg')}")
+        # FastAPI's error has pydantic's errors(): the same "loc: msg" lines as a config file's.
+        lines = problem_lines(exc, root="request")
+        return _error(422, lines[0] if lines else "request: invalid request")
 
     @app.get("/healthz", summary="liveness; says what is connected; 503 naming a part that died for good",
              responses={503: {"description": "a long-lived part died and could not be restarted"}})

@@ -5,17 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edge_agent.common.config import (
-    ConfigError,
     HttpConfig,
     LogConfig,
     MqttConfig,
     Strict,
     TlsConfig,
     parse_bytes,
-    problem_lines,
+    parse_config,
     read_yaml,
 )
 from edge_agent.common.envelope import MAX_MESSAGE_BYTES
@@ -91,10 +90,7 @@ class BridgeConfig(Strict):
 
 
 def parse_bridge(data: dict[str, Any]) -> BridgeConfig:
-    try:
-        return BridgeConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(problem_lines(e)) from e
+    return parse_config(BridgeConfig, data)
 
 
 def load_bridge(path: Path) -> BridgeConfig:

@@ -16,6 +16,7 @@ from edge_agent.bridge.worker import Bridge
 from edge_agent.common import logs
 from edge_agent.common.config import ConfigError, missing_secrets
 from edge_agent.common.supervised import SupervisedThread
+from edge_agent.common.systemd import notify
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,14 @@ def run_bridge(path: Path) -> int:
     bridge.start()
     stop_http = serve_http(bridge)
     freeze_startup_heap()
-    _notify_systemd("READY=1")
+    notify("READY=1")
     while not stop.wait(1.0):
         # edge-bridge.service has WatchdogSec: a hung main loop or a dead worker thread gets restarted.
         if bridge.alive():
-            _notify_systemd("WATCHDOG=1")
+            notify("WATCHDOG=1")
         else:
             log.error("dead for good: %s; withholding the watchdog ping", ", ".join(bridge.parts.dead()))
-    _notify_systemd("STOPPING=1")
+    notify("STOPPING=1")
     log.info("signal received: draining")
     bridge.stop(timeout=20)  # inside the unit's TimeoutStopSec=30, with room to disconnect
     stop_http()
@@ -95,16 +96,6 @@ def freeze_startup_heap() -> None:
     """Leave what start-up allocated (modules, pydantic and FastAPI schemas) out of every later GC pass.
 
     Those objects live as long as the process; a full collection walked all of them and
-    stopped every thread for ~20 ms, which showed as the bridge's latency tail
-    (bench_bridge_path: p95 27/21/24 ms frozen vs 39/29/29 not, runs paired).
+    stopped every thread, which showed as the bridge's latency tail (docs/bridge.md).
     """
     gc.freeze()
-
-
-def _notify_systemd(state: str) -> None:
-    try:
-        import sdnotify
-
-        sdnotify.SystemdNotifier().notify(state)
-    except Exception:  # noqa: BLE001 (no systemd: nothing to tell)
-        pass

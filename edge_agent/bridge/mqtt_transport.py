@@ -12,8 +12,8 @@ sockets: bytes received but not read yet) makes it read on without waiting in
 ``select``, and ``want_write()`` stays true while collected bytes are unsent.
 
 ``BufferedClient`` also decodes the common PUBLISH (QoS 1, MQTT v5, no properties)
-itself: paho builds and clears a ``Properties`` object for every PUBLISH, 11 µs,
-a fifth of the bridge's CPU per message. Any other PUBLISH is paho's.
+itself: paho builds and clears a ``Properties`` object for every PUBLISH, a large
+share of the bridge's CPU per message (docs/bridge.md). Any other PUBLISH is paho's.
 """
 
 from __future__ import annotations

@@ -34,15 +34,13 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from pydantic import BaseModel, ValidationError
 
-from edge_agent.bridge.worker import NotStrictJson, strict_envelope
+from edge_agent.bridge.validate import NotStrictJson, strict_envelope
 from edge_agent.common.envelope import utc_now_iso
 from edge_agent.common.logs import clip
+from edge_agent.common.wire import DLQ_REASON, DLQ_RETRIED_AT, DLQ_SOURCE_TOPIC
 
 log = logging.getLogger(__name__)
 
-SOURCE_HEADER = "dlq-source-topic"
-REASON_HEADER = "dlq-reason"
-RETRIED_AT_HEADER = "dlq-retried-at"
 # Poison (bad JSON, not an envelope, spoofed device, too large) would only poison the
 # source topic again: retry re-sends letters that failed for a passing reason.
 RETRIABLE_REASONS = frozenset({"retries_exhausted"})
@@ -95,7 +93,7 @@ def _refusal(msg: Message, reason: str | None) -> str | None:
     a valid envelope, so anything else was put in the DLQ by someone else.
     """
     if reason is None:
-        return f"no {REASON_HEADER} header"
+        return f"no {DLQ_REASON} header"
     try:
         strict_envelope(msg.value() or b"")
     except (NotStrictJson, ValidationError) as e:
@@ -165,7 +163,8 @@ class KafkaQueueAdmin:
         return self._offsets(tps, OffsetSpec.latest())
 
     def _start_offsets(self, tps: list[TopicPartition]) -> dict[tuple[str, int], int]:
-        # An explicit start offset: assigning OFFSET_BEGINNING costs librdkafka ~0.5 s more per scan.
+        # An explicit start offset: with OFFSET_BEGINNING librdkafka looks it up first, a slower scan
+        # (docs/bridge.md).
         return self._offsets(tps, OffsetSpec.earliest())
 
     def _offsets(self, tps: list[TopicPartition], spec: OffsetSpec) -> dict[tuple[str, int], int]:
@@ -256,7 +255,7 @@ class KafkaQueueAdmin:
                 next_offset[msg.partition()] = msg.offset() + 1
                 if self._source_of(msg) != topic:
                     continue
-                reason = _header(msg, REASON_HEADER)
+                reason = _header(msg, DLQ_REASON)
                 if reason is not None and reason not in RETRIABLE_REASONS:
                     skipped += 1
                     continue
@@ -286,7 +285,7 @@ class KafkaQueueAdmin:
     def _republish(self, producer: Producer, topic: str, msg: Message,
                    report: Callable[[KafkaError | None, Message], None]) -> bool:
         """Queue one letter for ``topic`` with its headers + ``dlq-retried-at``; False if refused locally."""
-        headers = list(msg.headers() or []) + [(RETRIED_AT_HEADER, utc_now_iso().encode())]
+        headers = list(msg.headers() or []) + [(DLQ_RETRIED_AT, utc_now_iso().encode())]
         for _ in range(2):
             try:
                 producer.produce(topic, value=msg.value(), key=msg.key(), headers=headers, on_delivery=report)
@@ -300,7 +299,7 @@ class KafkaQueueAdmin:
         return False
 
     def _source_of(self, msg: Message) -> str | None:
-        header = _header(msg, SOURCE_HEADER)
+        header = _header(msg, DLQ_SOURCE_TOPIC)
         return self.source_topic(header) if header is not None else None
 
     def _committed_or_beginning(self, consumer: Consumer, parts: list[TopicPartition]) -> list[TopicPartition]:

@@ -1,27 +1,27 @@
-"""The MQTT -> Kafka bridge (``edge-agent bridge -c bridge.yaml``).
+"""The MQTT -> Kafka bridge's worker (``edge-agent bridge -c bridge.yaml``).
 
 One worker thread owns both clients and runs one loop:
 
 * it reads MQTT only while fewer than ``max_inflight`` messages are unsettled
   (Mosquitto issue #2301: one PUBACK can release a whole new window, so the
-  broker's receive maximum is not a bound), validates each batch and hands it
-  to the producer;
+  broker's receive maximum is not a bound), validates each batch (``validate``)
+  and hands it to the producer;
 * it serves the producer's delivery reports: it PUBACKs the MQTT message
   (manual ack) only once Kafka has the record or its dead letter, batches the
-  end-to-end acks, re-sends failed records with backoff and replaces a stalled
-  producer.
+  end-to-end acks (``inflight``), re-sends failed records with backoff
+  (``retry``) and replaces a stalled producer (``producer``).
 
 Why one thread: confluent-kafka takes the GIL once per delivery report. With the
 reports served by a second thread, every report waited for the MQTT thread to
-give up the GIL (up to the 5 ms switch interval), which capped the drain rate
-and made the latency tail. In one thread the reports cost no hand-over. While
+give up the GIL (up to the interpreter's switch interval), which capped the drain
+rate and made the latency tail. In one thread the reports cost no hand-over. While
 Kafka owes reports, the loop waits on the MQTT socket for at most
 ``KAFKA_WAIT_S`` at a time (a message wakes it at once). The HTTP API's thread
 only calls ``submit`` (``Producer.produce`` is thread-safe). The MQTT socket is
 read and written in chunks (``mqtt_transport``): paho's own reads and writes
-were a system call per packet field.
+were a system call per packet field. docs/bridge.md has the measurements.
 
-Policy for failures (see README "The bridge"):
+Policy for failures (see README "The bridge" and ``retry``):
 
 * a record that times out or is purged (broker down, broker stuck) is not
   poison: it is sent again and never counts as an attempt, so an outage holds
@@ -34,36 +34,35 @@ Policy for failures (see README "The bridge"):
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import json
 import logging
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Hashable, NamedTuple
+from typing import Any
 
 import paho.mqtt.client as mqtt
-import pydantic_core
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import BaseModel, StrictInt, StrictStr, ValidationError
 
 from edge_agent.bridge.config import BridgeConfig
-from edge_agent.bridge.kafka import (
-    dlq_headers,
-    kafka_client_config,
-    plan_after_failure,
-    producer_config,
+from edge_agent.bridge.inflight import (
+    AckBatcher,
+    DeadLettered,
+    DedupeKey,
+    MessageTag,
+    RecentIds,
+    Record,
 )
+from edge_agent.bridge.kafka import dlq_headers, producer_config
 from edge_agent.bridge.mqtt_transport import BufferedClient
+from edge_agent.bridge.producer import ProducerSupervisor, close_producer
+from edge_agent.bridge.retry import RetryHeap, plan_after_failure
+from edge_agent.bridge.validate import Accepted, Rejected, classify
 from edge_agent.common import logs
-from edge_agent.common.config import env_secret
+from edge_agent.common.backoff import Backoff
 from edge_agent.common.envelope import Envelope, encode, utc_now_iso
 from edge_agent.common.metrics import (
     BRIDGE_DELIVERY_SECONDS,
@@ -74,230 +73,29 @@ from edge_agent.common.metrics import (
     BRIDGE_RECEIVED,
     BRIDGE_RETRIES,
 )
+from edge_agent.common.mqtt import configure_transport
 from edge_agent.common.supervised import Health, SupervisedThread
 from edge_agent.common.wire import (
-    parse_uplink_topic,
-    seq_ranges,  # the same compact ranges the agent's overflow events use
+    DLQ_ORIGINAL_BYTES,
+    ack_topic,
+    encode_ack,
+    uplink_subscription,
 )
 
-__all__ = ["Bridge", "DeadLettered", "kafka_client_config", "run_bridge", "classify", "strict_envelope"]
+__all__ = ["Bridge", "DeadLettered"]
 
 log = logging.getLogger(__name__)
 
 # A too-large message cannot go to Kafka whole; its dead letter keeps this much.
 TOO_LARGE_KEEP_BYTES = 64 * 1024
 MAX_READ_BATCH = 64  # read this many, then hand them to Kafka: batches amortise locks, small ones keep Kafka busy
-# Topics are chosen by whoever may publish: a longer one is refused before it is parsed,
-# cached or logged; the cache holds only topics that parse, and only this many.
-MAX_TOPIC_CHARS = 512
-TOPIC_CACHE_SIZE = 10_000
-
-
-# --- pure helpers --------------------------------------------------------------------------------
-
-
-class Accepted(NamedTuple):  # NamedTuples: built for every message, they cost least
-    envelope: Envelope
-    kafka_topic: str
-    device: str
-
-
-class Rejected(NamedTuple):
-    reason: str  # invalid_json | invalid_envelope | device_mismatch | unmapped_topic | too_large | internal_error
-    error: str
-    device: str | None  # the topic's device, if the topic names one
-    seq: int | None  # a seq that device may be waiting to see acked
-
-
-def classify(topic: str, payload: bytes, cfg: BridgeConfig) -> Accepted | Rejected:
-    """Decide what one MQTT message is: a record for Kafka or a dead letter (with its reason)."""
-    if len(topic) > MAX_TOPIC_CHARS:
-        return Rejected("unmapped_topic", f"topic of {len(topic)} characters > {MAX_TOPIC_CHARS}", None, None)
-    parsed = _parse_cached(topic, cfg.mqtt.topic_prefix)
-    device = parsed[0] if parsed else None
-    if len(payload) > cfg.max_message_bytes:
-        return Rejected("too_large", f"{len(payload)} bytes > max_message_bytes {cfg.max_message_bytes}",
-                        device, _seq_of(payload, device))
-    if parsed is None or parsed[1] not in cfg.topics:
-        return Rejected("unmapped_topic", _unmapped(parsed, cfg), device, _seq_of(payload, device))
-    try:
-        env = strict_envelope(payload)
-    except NotStrictJson as e:
-        return Rejected("invalid_json", str(e), device, None)
-    except ValidationError as e:
-        return Rejected("invalid_envelope", _summarise(e.errors(include_url=False)), device, _seq_of(payload, device))
-    if env.device_id != device:
-        # Spoofing or a misconfigured agent; its seq belongs to nobody we can ack.
-        return Rejected("device_mismatch", f"payload device_id {env.device_id!r} != topic device {device!r}",
-                        device, None)
-    return Accepted(env, cfg.topics[parsed[1]], device)
-
-
-class NotStrictJson(ValueError):
-    """The payload is not strict JSON (RFC 8259): unparsable, too deep, or with NaN/Infinity."""
-
-
-def strict_envelope(payload: bytes) -> Envelope:
-    """The envelope in ``payload``, accepted only from strict JSON.
-
-    Raises NotStrictJson, or ValidationError when the JSON is no envelope. Python's json
-    and our parser take NaN and Infinity, which other consumers refuse: those are
-    refused here (the ``in`` test keeps the common path at one scan of the bytes).
-    """
-    try:
-        env = Envelope.model_validate_json(payload)
-    except ValidationError as e:
-        errors = e.errors(include_url=False)
-        if any(err["type"] == "json_invalid" for err in errors):
-            raise NotStrictJson(errors[0]["msg"]) from None
-        raise
-    if b"NaN" in payload or b"Infinity" in payload:
-        try:
-            pydantic_core.from_json(payload, allow_inf_nan=False)
-        except ValueError as e:
-            raise NotStrictJson(str(e)) from None
-    return env
-
-
-def _unmapped(parsed: tuple[str, str] | None, cfg: BridgeConfig) -> str:
-    # The topic itself is in the dlq-source-topic header and the log line's topic field.
-    if parsed is None:
-        return f"not a topic of the form {cfg.mqtt.topic_prefix}/<device>/up/<stream>"
-    return f"no Kafka topic for stream {logs.clip(parsed[1])!r} (known streams: {', '.join(sorted(cfg.topics))})"
-
-
-_TOPICS: dict[tuple[str, str], tuple[str, str]] = {}
-
-
-def _parse_cached(topic: str, prefix: str) -> tuple[str, str] | None:
-    """parse_uplink_topic, remembered: a fleet uses a few thousand topics over and over."""
-    key = (topic, prefix)
-    parsed = _TOPICS.get(key)
-    if parsed is None:
-        parsed = parse_uplink_topic(topic, prefix)
-        if parsed is None:
-            return None  # not cached: junk topics must not crowd out the fleet's
-        if len(_TOPICS) >= TOPIC_CACHE_SIZE:
-            _TOPICS.clear()
-        _TOPICS[key] = parsed
-    return parsed
-
-
-def _summarise(errors: list[Any]) -> str:
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in errors[:5]]
-    return "; ".join(parts)
-
-
-class _SeqProbe(BaseModel):
-    """The two fields that let a rejected payload's sender stop re-sending it."""
-
-    device_id: StrictStr
-    seq: StrictInt
-
-
-def _seq_of(payload: bytes, device: str | None) -> int | None:
-    """The seq of a rejected payload, when it is the topic device's own (so the device can stop re-sending).
-
-    Parsed by pydantic's parser, which bounds nesting (json.loads raised RecursionError).
-    """
-    if device is None:
-        return None
-    try:
-        probe = _SeqProbe.model_validate_json(payload)
-    except ValidationError:
-        return None
-    return probe.seq if probe.device_id == device and probe.seq >= 1 else None
-
-
-DedupeKey = tuple[str, str]  # (device_id, envelope id): one device cannot shadow another's ids
-
-
-class RecentIds:
-    """The ids Kafka confirmed most recently, at most ``size`` of them (oldest forgotten first)."""
-
-    def __init__(self, size: int):
-        self._size = size
-        self._ids: OrderedDict[Hashable, None] = OrderedDict()
-
-    def __contains__(self, id_: Hashable) -> bool:
-        return id_ in self._ids
-
-    def add(self, id_: Hashable) -> None:
-        if self._size == 0:
-            return
-        self._ids[id_] = None
-        self._ids.move_to_end(id_)
-        while len(self._ids) > self._size:
-            self._ids.popitem(last=False)
-
-
-class AckBatcher:
-    """End-to-end acks waiting to be published, per device; due by size or by age."""
-
-    def __init__(self, interval_s: float, batch: int):
-        self._interval_s = interval_s
-        self._batch = batch
-        self._seqs: dict[str, list[int]] = {}
-        self._count = 0
-        self._oldest = 0.0
-
-    def add(self, device: str, seq: int, now: float) -> None:
-        if self._count == 0:
-            self._oldest = now
-        self._seqs.setdefault(device, []).append(seq)
-        self._count += 1
-
-    def due_in(self, now: float) -> float:
-        """Seconds until the next publish is due (inf when nothing waits)."""
-        if self._count == 0:
-            return float("inf")
-        if self._count >= self._batch:
-            return 0.0
-        return max(0.0, self._oldest + self._interval_s - now)
-
-    def take(self) -> dict[str, list[list[int]]]:
-        out = {device: seq_ranges(seqs) for device, seqs in self._seqs.items()}
-        self._seqs.clear()
-        self._count = 0
-        return out
-
-
-# --- the records in flight -----------------------------------------------------------------------
-
-@dataclass(eq=False, slots=True)
-class Record:
-    """One Kafka record on its way, and what to settle once Kafka has it."""
-
-    topic: str  # where it goes now (the DLQ topic once dead-lettered)
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]]
-    source: str  # the MQTT topic it came from, or "api"
-    received: float  # time.monotonic() at arrival
-    mids: list[tuple[int, int]] = field(default_factory=list)  # (MQTT connection number, mid) to PUBACK
-    device: str | None = None  # who gets the end-to-end ack ...
-    seq: int | None = None  # ... for this seq
-    dedupe_key: DedupeKey | None = None
-    future: Future | None = None
-    dead: str | None = None  # the dlq-reason once dead-lettered
-    attempts: int = 0
-    first_failed_at: str | None = None
-
-
-class DeadLettered(Exception):
-    """A submitted record ended in the dead letter topic instead of its own."""
-
-    def __init__(self, reason: str, error: str):
-        super().__init__(f"dead-lettered ({reason}): {error}")
-        self.reason = reason
-        self.error = error
-
+BUFFER_FULL_RETRY_S = 0.05  # librdkafka's queue was full: produce again this soon
 
 _RUNNING, _DRAINING = "running", "draining"
 # While Kafka owes delivery reports, serve them at least this often. It also paces reading:
 # Mosquitto (Nagle on by default) sends the next PUBLISH once our TCP ACK comes, which rides
-# on the PUBACKs we write after the reports. 2 ms: 21-23% CPU at 2,000 msg/s, p99 27-29 ms;
-# ACKing every segment at once (TCP_QUICKACK) woke us per message: 35-40%, p99 32-34 ms.
+# on the PUBACKs we write after the reports. Shorter waits cost CPU, longer ones latency, and
+# ACKing every segment at once (TCP_QUICKACK) woke us per message: docs/bridge.md.
 KAFKA_WAIT_S = 0.002
 IDLE_WAIT_S = 0.05  # otherwise wait on the MQTT socket this long at most
 
@@ -316,19 +114,13 @@ class Bridge:
         self._by_id: dict[DedupeKey, Record] = {}  # (device, envelope id) -> record not yet confirmed
         self._recent = RecentIds(cfg.dedupe_window)
         self._acks = AckBatcher(cfg.ack_interval_ms / 1000, cfg.ack_batch)
-        self._retries: list[tuple[float, int, Record]] = []  # heap of (due, tiebreak, record)
-        self._tiebreak = itertools.count()
+        self._retries: RetryHeap[Record] = RetryHeap()
         self._conn = 0  # MQTT connection number: mids of older connections are not ours to ack
         self._mqtt_connected = False
-        self._kafka_connected = False
-        self._last_delivery = time.monotonic()
-        self._progress_at = time.monotonic()
-        self._stall_recreations = 0
-        self._producer_broken = False  # a fatal producer error: replace it at once
         self._outage_logged_at = 0.0
-        self._producer_cfg = producer_config(cfg.kafka)
-        self._producer_cfg.setdefault("message.max.bytes", max(1_000_000, cfg.max_message_bytes + 65536))
-        self._producer = self._new_producer()
+        producer_cfg = producer_config(cfg.kafka)
+        producer_cfg.setdefault("message.max.bytes", max(1_000_000, cfg.max_message_bytes + 65536))
+        self._kafka = ProducerSupervisor(producer_cfg, cfg.stall_timeout_s, on_outage=self._log_outage)
         self._client = self._new_mqtt_client()
         # The long-lived parts, for /healthz and the watchdog (serve_http adds "http").
         self.parts = Health()
@@ -336,7 +128,7 @@ class Bridge:
                                         backoff_min_s=restart_backoff_s, max_restarts=max_restarts)
         self.parts.add(self._worker)
         self._reconnect_at = 0.0
-        self._backoff = cfg.mqtt.reconnect_min_s
+        self._reconnect_backoff = Backoff(cfg.mqtt.reconnect_min_s, cfg.mqtt.reconnect_max_s)
         # Filled by callbacks, emptied in batches by the loop: messages read, delivery reports.
         self._incoming: list[tuple[str, bytes, int]] = []
         self._reports: list[tuple[Record, KafkaError | None, Any]] = []
@@ -350,8 +142,7 @@ class Bridge:
 
     @property
     def subscription(self) -> str:
-        m = self._cfg.mqtt
-        return f"$share/{m.share_group}/{m.topic_prefix}/+/up/#"
+        return uplink_subscription(self._cfg.mqtt.topic_prefix, self._cfg.mqtt.share_group)
 
     def submit(self, kafka_topic: str, envelope: Envelope, *, key: str | None = None) -> Future:
         """Send an envelope to Kafka on the same path as MQTT traffic (retry, backoff, DLQ).
@@ -378,7 +169,7 @@ class Bridge:
         """What is connected, what is in flight, and each long-lived part's state (``dead``: given up)."""
         with self._lock:
             out: dict[str, Any] = {"mqtt": {"connected": self._mqtt_connected},
-                                   "kafka": {"connected": self._kafka_connected},
+                                   "kafka": {"connected": self._kafka.connected},
                                    "inflight": self._inflight + self._api_pending}
         out["parts"] = self.parts.report()
         out["dead"] = self.parts.dead()
@@ -397,7 +188,7 @@ class Bridge:
             unsettled = self._inflight + self._api_pending
         if unsettled:
             log.warning("stopping with %d messages unsettled: the broker will deliver them again", unsettled)
-        self._close_producer(self._producer)
+        self._kafka.close()
         log.info("bridge stopped", extra={"topic": self.subscription})
         return unsettled == 0
 
@@ -407,13 +198,7 @@ class Bridge:
         m = self._cfg.mqtt
         client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv5,
                                 manual_ack=True)
-        if m.tls is not None:
-            client.tls_set(ca_certs=str(m.tls.ca) if m.tls.ca else None,
-                           certfile=str(m.tls.cert) if m.tls.cert else None,
-                           keyfile=str(m.tls.key) if m.tls.key else None)
-            client.tls_insecure_set(m.tls.insecure)
-        if m.username:
-            client.username_pw_set(m.username, env_secret(m.password_env))
+        configure_transport(client, m)
         client.max_inflight_messages_set(1000)  # our own QoS 1 publishes: the e2e acks
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
@@ -459,7 +244,7 @@ class Bridge:
                 self._handle_incoming()
             else:
                 # Full (or draining): do not read; wait for delivery reports, keep writing acks and pings.
-                self._producer.poll(0.01)
+                self._kafka.producer.poll(0.01)
                 rc = self._client.loop_write()
                 if rc == mqtt.MQTT_ERR_SUCCESS:
                     rc = self._client.loop_misc()
@@ -483,7 +268,7 @@ class Bridge:
         self._incoming.clear()  # read but not taken: never counted, never acked, the broker re-sends them
         self._e2e_sent = []  # of the old connection: they will never show as published
         self._reconnect_at = 0.0
-        self._backoff = self._cfg.mqtt.reconnect_min_s
+        self._reconnect_backoff.reset()
 
     def _settled(self) -> bool:
         with self._lock:
@@ -491,24 +276,23 @@ class Bridge:
 
     def _mqtt_wait_s(self) -> float:
         """How long the loop may wait for MQTT: briefly while Kafka owes reports, else until due work."""
-        if len(self._producer) > 0 and self._kafka_connected:
+        if self._kafka.queued() > 0 and self._kafka.connected:
             return KAFKA_WAIT_S
         now = time.monotonic()
         with self._lock:
-            next_retry = self._retries[0][0] - now if self._retries else IDLE_WAIT_S
+            next_retry = self._retries.due_in(now)
         return max(0.0, min(IDLE_WAIT_S, next_retry, self._acks.due_in(now)))
 
     def _connect_when_due(self) -> None:
         """Reconnect with exponential backoff; until it is time (or while stopping), serve Kafka."""
         now = time.monotonic()
         if self._phase != _RUNNING or now < self._reconnect_at:
-            self._producer.poll(min(IDLE_WAIT_S, max(0.0, self._reconnect_at - now)))
+            self._kafka.producer.poll(min(IDLE_WAIT_S, max(0.0, self._reconnect_at - now)))
             return
         if self._connect_once():
-            self._backoff = self._cfg.mqtt.reconnect_min_s
+            self._reconnect_backoff.reset()
             return
-        self._reconnect_at = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, self._cfg.mqtt.reconnect_max_s)
+        self._reconnect_at = time.monotonic() + self._reconnect_backoff.next_delay()
 
     def _read_batch(self, wait_s: float = IDLE_WAIT_S) -> int:
         """Wait (at most wait_s) for the socket, then read what is there (up to the in-flight room).
@@ -519,7 +303,7 @@ class Bridge:
         rc = self._client.loop(timeout=wait_s)
         limit = min(MAX_READ_BATCH, self._cfg.max_inflight - self._inflight)
         # Count messages, not calls: one loop_read() reads as many packets as we have QoS 1
-        # publishes unconfirmed (the e2e acks), so counting calls let batches grow to ~400.
+        # publishes unconfirmed (the e2e acks), so counting calls let batches grow far too big.
         # Read on only from what is buffered: a recv() that finds nothing is a system call
         # per message at low rates, and bytes still in the kernel wake the next select at once.
         while rc == mqtt.MQTT_ERR_SUCCESS and len(self._incoming) < limit and self._buffered():
@@ -595,7 +379,7 @@ class Bridge:
             log.exception("internal error classifying a message: dead-lettered", extra={"topic": topic})
             return Rejected("internal_error", f"{type(e).__name__}: {e}", None, None)
 
-    def _take(self, topic: str, payload: bytes, verdict: Accepted | Rejected, tag: tuple[int, int],
+    def _take(self, topic: str, payload: bytes, verdict: Accepted | Rejected, tag: MessageTag,
               now: float) -> None:
         """Hand one classified message to Kafka: its record, or its dead letter. Lock held."""
         try:
@@ -611,13 +395,13 @@ class Bridge:
             self._send(self._dead_letter_of(topic, payload, Rejected("internal_error", f"{type(e).__name__}: {e}",
                                                                      device, None), tag, now))
 
-    def _unregister(self, key: DedupeKey, tag: tuple[int, int]) -> None:
+    def _unregister(self, key: DedupeKey, tag: MessageTag) -> None:
         """Forget the record this message registered before its handling failed: its dead letter settles it."""
         rec = self._by_id.get(key)
         if rec is not None and rec.mids == [tag]:
             del self._by_id[key]
 
-    def _forward(self, topic: str, ok: Accepted, tag: tuple[int, int], now: float) -> None:
+    def _forward(self, topic: str, ok: Accepted, tag: MessageTag, now: float) -> None:
         env = ok.envelope
         key = (ok.device, env.id)
         if key in self._recent:
@@ -636,11 +420,11 @@ class Bridge:
         self._by_id[key] = rec  # before sending: a refusal in _send dead-letters it and unregisters it
         self._send(rec)
 
-    def _dead_letter_of(self, topic: str, payload: bytes, bad: Rejected, tag: tuple[int, int],
+    def _dead_letter_of(self, topic: str, payload: bytes, bad: Rejected, tag: MessageTag,
                         now: float) -> Record:
         headers = dlq_headers(bad.reason, bad.error, topic, 0, utc_now_iso())
         if bad.reason == "too_large":
-            headers.append(("dlq-original-bytes", str(len(payload)).encode()))
+            headers.append((DLQ_ORIGINAL_BYTES, str(len(payload)).encode()))
             payload = payload[:TOO_LARGE_KEEP_BYTES]
         # One line per dead letter; topic, device and error are the sender's and are clipped.
         log.warning("dead letter: %s: %s", bad.reason, logs.clip(bad.error),
@@ -649,7 +433,7 @@ class Bridge:
                       headers=headers, source=topic, received=now, mids=[tag], device=bad.device, seq=bad.seq,
                       dead=bad.reason)
 
-    def _settle_mqtt(self, tags: list[tuple[int, int]], device: str | None, seq: int | None, now: float) -> None:
+    def _settle_mqtt(self, tags: list[MessageTag], device: str | None, seq: int | None, now: float) -> None:
         """PUBACK the messages (those of the current connection) and queue the e2e ack. Lock held."""
         for conn, mid in tags:
             if conn == self._conn:  # older mids: the broker re-sends those, and we ack the re-sends
@@ -660,37 +444,18 @@ class Bridge:
 
     # --- Kafka side ----------------------------------------------------------------------------
 
-    def _new_producer(self) -> Producer:
-        conf = dict(self._producer_cfg)
-        conf["error_cb"] = self._on_kafka_error
-        conf["stats_cb"] = self._on_kafka_stats
-        return Producer(conf)
-
-    def _on_kafka_error(self, err: KafkaError) -> None:
-        if err.code() == KafkaError._ALL_BROKERS_DOWN:
-            self._kafka_connected = False
-        if err.fatal():
-            log.error("Kafka producer failed for good (%s): replacing it", err)
-            self._producer_broken = True
-        else:
-            self._log_outage(f"Kafka: {err}")
-
-    def _on_kafka_stats(self, stats_json: str) -> None:
-        brokers = json.loads(stats_json).get("brokers", {})
-        self._kafka_connected = any(b.get("state") == "UP" for b in brokers.values())
-
     def _send(self, rec: Record) -> None:
         """Hand a record to the producer. Lock held."""
         try:
-            self._producer.produce(rec.topic, rec.value, rec.key, headers=rec.headers,
-                                   on_delivery=partial(self._on_delivery, rec))
+            self._kafka.producer.produce(rec.topic, rec.value, rec.key, headers=rec.headers,
+                                         on_delivery=partial(self._on_delivery, rec))
         except BufferError:  # librdkafka's queue is full: not the record's fault, try shortly
-            self._schedule(rec, 0.05)
+            self._schedule(rec, BUFFER_FULL_RETRY_S)
         except KafkaException as e:  # refused before sending (e.g. larger than message.max.bytes)
             self._failed(rec, e.args[0])
 
     def _schedule(self, rec: Record, delay: float) -> None:
-        heapq.heappush(self._retries, (time.monotonic() + delay, next(self._tiebreak), rec))
+        self._retries.schedule(rec, time.monotonic() + delay)
 
     def _on_delivery(self, rec: Record, err: KafkaError | None, msg: Any) -> None:
         self._reports.append((rec, err, msg))  # handled in a batch once poll() returns
@@ -727,10 +492,7 @@ class Bridge:
         rec.mids = []
 
     def _confirmed(self, rec: Record, msg: Any, now: float, produced: dict[str, int]) -> None:
-        # Only a delivery is progress: timeouts keep coming from a producer that is stuck.
-        self._last_delivery = now
-        self._kafka_connected = True
-        self._stall_recreations = 0
+        self._kafka.delivered(now)
         if rec.dead is None:
             produced[rec.topic] = produced.get(rec.topic, 0) + 1
             BRIDGE_DELIVERY_SECONDS.observe(now - rec.received)
@@ -744,7 +506,7 @@ class Bridge:
             if rec.dead is None:
                 rec.future.set_result({"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()})
             else:
-                rec.future.set_exception(DeadLettered(rec.dead, _header(rec.headers, "dlq-error")))
+                rec.future.set_exception(rec.dead_lettered())
         self._settle_mqtt(rec.mids, rec.device, rec.seq, now)
 
     def _failed(self, rec: Record, err: KafkaError) -> None:
@@ -783,7 +545,7 @@ class Bridge:
 
     def _serve_kafka(self) -> None:
         """Everything the loop owes Kafka: reports, due retries, due e2e acks, the stall watchdog."""
-        self._producer.poll(0)
+        self._kafka.producer.poll(0)
         self._handle_reports()
         self._resend_due()
         if self._acks.due_in(time.monotonic()) == 0:
@@ -793,8 +555,7 @@ class Bridge:
     def _resend_due(self) -> None:
         now = time.monotonic()
         with self._lock:
-            while self._retries and self._retries[0][0] <= now:
-                _, _, rec = heapq.heappop(self._retries)
+            while (rec := self._retries.pop_due(now)) is not None:
                 self._send(rec)
 
     def _publish_e2e_acks(self) -> None:
@@ -803,46 +564,20 @@ class Bridge:
         # Kept until the broker confirms them, so that stop() can wait for the last ones.
         self._e2e_sent = [info for info in self._e2e_sent if not info.is_published()]
         for device, ranges in batch.items():
-            self._e2e_sent.append(self._client.publish(f"{self._cfg.mqtt.topic_prefix}/{device}/ack",
-                                                       json.dumps({"seq": ranges}, separators=(",", ":")), qos=1))
+            self._e2e_sent.append(self._client.publish(ack_topic(self._cfg.mqtt.topic_prefix, device),
+                                                       encode_ack(ranges), qos=1))
 
     def _watch_for_stall(self) -> None:
-        """Replace the producer when it holds records but delivered nothing for stall_timeout_s.
-
-        The test broker, restarted, leaves an idempotent producer retrying UNKNOWN_PRODUCER_ID
-        for good while a fresh producer delivers at once. Each replacement doubles the wait
-        (up to 8x), so a broker that is simply down does not make us churn producers.
-        """
-        now = time.monotonic()
-        if self._producer_broken:
+        """Replace the producer when it failed for good or stopped delivering (``ProducerSupervisor``)."""
+        if self._kafka.needs_replacing(time.monotonic()):
             self._replace_producer()
-            return
-        if len(self._producer) == 0:
-            self._progress_at = now
-            return
-        limit = self._cfg.stall_timeout_s * min(8, 2 ** self._stall_recreations)
-        if now - max(self._progress_at, self._last_delivery) < limit:
-            return
-        log.warning("nothing delivered for %.1f s with %d records queued: new Kafka producer",
-                    now - max(self._progress_at, self._last_delivery), len(self._producer))
-        self._stall_recreations += 1
-        self._replace_producer()
 
     def _replace_producer(self) -> None:
-        self._progress_at = time.monotonic()
-        self._producer_broken = False
         with self._lock:
-            old, self._producer = self._producer, self._new_producer()
+            old = self._kafka.swap()
         # Purged records come back through _failed and go to the new producer at once.
-        self._close_producer(old)
+        close_producer(old)
         self._handle_reports()
-
-    @staticmethod
-    def _close_producer(producer: Producer) -> None:
-        """Purge first: close() alone would wait for a broker that may never answer."""
-        producer.purge(in_queue=True, in_flight=True)
-        producer.flush(5.0)  # serves the purge reports
-        producer.close()
 
 
 def _topic_of(msg: mqtt.MQTTMessage) -> str:
@@ -850,13 +585,3 @@ def _topic_of(msg: mqtt.MQTTMessage) -> str:
         return msg.topic
     except UnicodeDecodeError:  # brokers refuse such topics; an unmapped_topic dead letter if one comes
         return "<topic not UTF-8>"
-
-
-def _header(headers: list[tuple[str, bytes]], name: str) -> str:
-    return next((v.decode("utf-8", "replace") for k, v in reversed(headers) if k == name), "")
-
-
-# --- the daemon ----------------------------------------------------------------------------------
-
-
-

@@ -13,16 +13,23 @@ from concurrent.futures import Future
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from edge_testkit.brokers import consume_all, create_topics, wait_for
 from confluent_kafka import Consumer, Producer, TopicPartition
 from fastapi.testclient import TestClient
 from test_bridge_wire import bridge_config, running
 
 from edge_agent.bridge.api import BODY_OVERHEAD_BYTES, create_app
-from edge_agent.bridge.daemon import serve_http
 from edge_agent.bridge.config import BridgeConfig
+from edge_agent.bridge.daemon import serve_http
+from edge_agent.bridge.queue_admin import (
+    GroupLag,
+    KafkaQueueAdmin,
+    RetryResult,
+    TopicStatus,
+)
 from edge_agent.common.envelope import Envelope, build, encode
-from edge_agent.bridge.queue_admin import GroupLag, KafkaQueueAdmin, RetryResult, TopicStatus
+from edge_testkit.kafka import create_topics
+from edge_testkit.processes import wait_for
+from edge_testkit.records import consume_all
 
 TOKENS = {"T_ADMIN": ("admin-secret", "admin"), "T_SYSTEM": ("system-secret", "system"),
           "T_AUDITOR": ("auditor-secret", "auditor")}
@@ -160,6 +167,16 @@ def test_publish_wraps_the_message_in_an_envelope(bridge_cfg: BridgeConfig) -> N
     assert env1.trace_id != env2.trace_id
 
 
+def test_publish_takes_the_messages_trace_id_and_an_empty_camera_id_is_none(bridge_cfg: BridgeConfig) -> None:
+    client, bridge, _ = make_client(bridge_cfg)
+    trace = "0123456789abcdef0123456789abcdef"
+    r = client.post("/api/v1/queue/publish", headers=auth("admin"),
+                    json={"topic": "camera.events", "message": {"trace_id": trace, "camera_id": ""}})
+    assert r.status_code == 200, r.text
+    env = bridge.submitted[0][1]
+    assert (env.trace_id, env.camera_id, r.json()["traceId"], r.headers["X-Trace-ID"]) == (trace, None, trace, trace)
+
+
 @pytest.mark.parametrize("body,code,fragment", [
     ({"topic": "nope", "message": {}}, 422, "camera.events"),  # the error names the valid topics
     ({"topic": "camera.events", "message": [1, 2]}, 422, "message"),
@@ -182,6 +199,8 @@ def test_bad_publish_bodies_get_a_clear_4xx_and_nothing_is_sent(bridge_cfg: Brid
 
 @pytest.mark.parametrize("message,fragment", [
     ({"camera_id": "c" * 129}, "camera_id"),  # built into the envelope: was a 500
+    ({"type": "t" * 129}, "type"),  # as on the agent (the bridge once cut it to 128)
+    ({"trace_id": "NOT-A-TRACE-ID"}, "trace_id"),
     ({"x": float("nan")}, "message"),  # stored, NaN would have become null
     ({"x": [float("inf")]}, "message"),
 ])

@@ -10,10 +10,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import negative_data_rejection
+from test_api import FakeBridge, FakeInspector
 
 from edge_agent.bridge.api import create_app
 from edge_agent.bridge.config import BridgeConfig
-from test_api import FakeBridge, FakeInspector
 
 ADMIN_TOKEN = "fuzz-admin-token"
 

@@ -13,13 +13,15 @@ from confluent_kafka import KafkaError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.bridge.worker import AckBatcher, Accepted, RecentIds, Rejected, classify
-from edge_agent.common.wire import parse_uplink_topic
+from edge_agent.bridge import validate
 from edge_agent.bridge.config import BridgeConfig, KafkaConfig, RetryConfig
+from edge_agent.bridge.inflight import AckBatcher, RecentIds
+from edge_agent.bridge.kafka import kafka_client_config, producer_config
+from edge_agent.bridge.retry import RetryHeap, plan_after_failure, retry_delay
+from edge_agent.bridge.validate import Accepted, Rejected, classify
 from edge_agent.common.config import ConfigError
 from edge_agent.common.envelope import build, encode
-from edge_agent.bridge.kafka import kafka_client_config, plan_after_failure, producer_config, retry_delay
-from edge_agent.common.wire import seq_ranges
+from edge_agent.common.wire import parse_uplink_topic, seq_ranges
 
 CFG = BridgeConfig.model_validate({"max_message_bytes": 2000})
 GOOD_TOPIC = "edge/gw-1/up/camera.events"
@@ -89,15 +91,13 @@ def test_a_duplicated_device_id_is_judged_by_the_value_forwarded() -> None:
 
 
 def test_only_topics_that_parse_are_cached_and_the_cache_is_bounded() -> None:
-    from edge_agent.bridge import worker as bridge_mod
-
-    bridge_mod._TOPICS.clear()
+    validate._TOPICS.clear()
     for i in range(50):
         classify(f"junk/{i}", b"{}", CFG)
-    assert not bridge_mod._TOPICS
-    for i in range(bridge_mod.TOPIC_CACHE_SIZE + 10):
-        bridge_mod._parse_cached(f"edge/gw-{i}/up/camera.events", "edge")
-    assert len(bridge_mod._TOPICS) <= bridge_mod.TOPIC_CACHE_SIZE
+    assert not validate._TOPICS
+    for i in range(validate.TOPIC_CACHE_SIZE + 10):
+        validate._parse_cached(f"edge/gw-{i}/up/camera.events", "edge")
+    assert len(validate._TOPICS) <= validate.TOPIC_CACHE_SIZE
 
 
 def test_dead_letter_headers_clip_the_senders_text() -> None:
@@ -151,6 +151,24 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
         delays = [retry_delay(attempt, RETRY, rng) for _ in range(200)]
         assert base / 2 <= min(delays) and max(delays) <= base
         assert max(delays) - min(delays) > base / 4  # jittered, not constant
+
+
+def test_fixed_backoff_keeps_the_first_delay_with_jitter() -> None:
+    fixed = RETRY.model_copy(update={"backoff": "fixed", "delay_s": 2.0})
+    rng = random.Random(2)
+    delays = [retry_delay(attempt, fixed, rng) for attempt in (1, 5, 50) for _ in range(100)]
+    assert 1.0 <= min(delays) and max(delays) <= 2.0
+
+
+def test_the_retry_heap_hands_out_what_is_due_soonest_first() -> None:
+    heap: RetryHeap[str] = RetryHeap()
+    assert heap.pop_due(100.0) is None and heap.due_in(100.0) == float("inf")
+    heap.schedule("later", 10.0)
+    heap.schedule("first", 5.0)
+    heap.schedule("second", 5.0)  # same time: in the order scheduled
+    assert heap.due_in(4.0) == 1.0 and heap.pop_due(4.0) is None
+    assert [heap.pop_due(6.0), heap.pop_due(6.0), heap.pop_due(6.0)] == ["first", "second", None]
+    assert len(heap) == 1 and heap.pop_due(10.0) == "later"
 
 
 def test_outages_never_use_up_attempts() -> None:

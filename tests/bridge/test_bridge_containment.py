@@ -15,15 +15,22 @@ from typing import Any
 
 import httpx
 import pytest
+from test_bridge_wire import (
+    Device,
+    bridge_config,
+    bridge_process,
+    running,
+    seqs_in_kafka,
+    write_config,
+)
 
 import edge_agent.bridge.worker as bridge_mod
-from edge_testkit.brokers import consume_all, wait_for
-from edge_agent.bridge.worker import Bridge
-from edge_agent.bridge.daemon import serve_http
 from edge_agent.bridge.config import BridgeConfig
+from edge_agent.bridge.daemon import serve_http
+from edge_agent.bridge.worker import Bridge
 from edge_agent.common.envelope import build, encode
-from test_bridge_wire import (Device, bridge_config, bridge_process, device_factory, running,  # noqa: F401
-                              seqs_in_kafka, write_config)
+from edge_testkit.processes import wait_for
+from edge_testkit.records import consume_all
 
 pytestmark = pytest.mark.timeout(180)
 

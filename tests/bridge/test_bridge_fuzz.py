@@ -16,11 +16,11 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from edge_testkit.brokers import read_topic
-from edge_agent.common.envelope import build, encode
 from test_bridge_containment import healthz, with_http
-from test_bridge_wire import bridge_config, device_factory, running, seqs_in_kafka  # noqa: F401
+from test_bridge_wire import bridge_config, running, seqs_in_kafka
+
+from edge_agent.common.envelope import build, encode
+from edge_testkit.records import read_topic
 
 pytestmark = pytest.mark.timeout(240)
 

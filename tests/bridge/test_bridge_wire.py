@@ -22,12 +22,14 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from edge_testkit.brokers import ExternalKafka, TansuBroker, client_config, consume_all, free_port, read_topic, wait_for
-from edge_agent.bridge.worker import Bridge
-from edge_agent.bridge.daemon import run_bridge
-from edge_agent.common.wire import STREAMS
 from edge_agent.bridge.config import BridgeConfig
+from edge_agent.bridge.daemon import run_bridge
+from edge_agent.bridge.worker import Bridge
 from edge_agent.common.envelope import Envelope, build, encode
+from edge_agent.common.wire import STREAMS
+from edge_testkit.kafka import ExternalKafka, TansuBroker, client_config
+from edge_testkit.processes import free_port, wait_for
+from edge_testkit.records import consume_all, read_topic
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -161,19 +163,6 @@ class Device:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-@pytest.fixture
-def device_factory() -> Iterator[Any]:
-    made: list[Device] = []
-
-    def make(cfg: BridgeConfig, device_id: str = "gw-1", **kw: Any) -> Device:
-        made.append(Device(cfg, device_id, **kw))
-        return made[-1]
-
-    yield make
-    for dev in made:
-        dev.close()
 
 
 def seqs_of(records: list[Any]) -> list[int]:
@@ -461,7 +450,7 @@ def test_the_bridge_starts_before_its_mqtt_broker_and_connects_when_it_comes(
 # --- the API's entry point -------------------------------------------------------------------------
 
 def test_submit_resolves_when_kafka_confirms_or_with_the_dead_letter(mqtt_broker: Any, kafka: Any) -> None:
-    from edge_agent.bridge.worker import DeadLettered
+    from edge_agent.bridge.inflight import DeadLettered
 
     cfg = bridge_config(mqtt_broker, kafka)
     env = build("api-1", 1, "config.changed", {"k": "v"})

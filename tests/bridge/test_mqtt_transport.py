@@ -12,8 +12,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_testkit.brokers import wait_for
-from edge_agent.bridge.mqtt_transport import BufferedClient, BufferedSocket, decode_plain_qos1_publish
+from edge_agent.bridge.mqtt_transport import (
+    BufferedClient,
+    BufferedSocket,
+    decode_plain_qos1_publish,
+)
+from edge_testkit.processes import wait_for
 
 
 @pytest.fixture
