@@ -7,55 +7,51 @@ agent side is the ``AgentControl`` protocol, which the daemon implements.
 Every request gets an answer and an audit record, whatever its bytes and MQTT
 properties: an answer goes only under the device's own topics, carries bounded
 correlation data, never shows a URL's credentials, and fits the broker's maximum
-packet size (413 otherwise; a snapshot is downscaled until it fits).
+packet size (413 otherwise; a snapshot is downscaled until it fits). Who may send
+commands is ``command_auth``'s business.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import logging
 import queue
 import re
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Callable, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edge_agent.agent.command_auth import RequestVerifier, Unauthorized, parse_rfc3339
 from edge_agent.agent.liveconfig import (
-    REDACTED,
     ChangeForbidden,
     ConfigRejected,
     VersionConflict,
+    masked,
+    redact,
 )
 from edge_agent.agent.supervisor import UnknownCamera
 from edge_agent.agent.uplink import MQTT_MAX_PACKET_SIZE
 from edge_agent.common import metrics
+from edge_agent.common.config import problem_lines
 from edge_agent.common.envelope import Draft, new_trace_id, utc_now_iso
 from edge_agent.common.logs import clip, mask_userinfo
 from edge_agent.common.supervised import SupervisedThread
+from edge_agent.common.wire import AUDIT_STREAM, command_base, device_topic
 
 log = logging.getLogger(__name__)
 
-AUDIT_STREAM = "audit.logs"
 MAX_PAYLOAD_BYTES = 256 * 1024
 QUEUE_SIZE = 64
-NONCE_CACHE_MAX = 100_000  # ~ a request every 0.6 ms for a 60 s window
 MAX_CORRELATION_BYTES = 256  # longer correlation data is refused, never echoed or audited
 MAX_LISTED_PATHS = 50  # refused config paths named in an answer or audit record
 MAX_ERROR_CHARS = 2000  # an error text (e.g. every problem of a big patch) in an answer or audit record
-_SECRET_WORDS = {"password", "passwd", "secret", "token", "key", "credentials"}
 # Under the device's topics, what an answer must not land on: requests (it would be taken for
 # one), the uplink (the bridge would dead-letter it), the acks and the retained status.
 _RESERVED_REPLY = re.compile(r"cmd/[^/]+|up(/.*)?|ack|status", re.DOTALL)
-# RFC 3339 date-time: a T (not a space), seconds, an offset; ASCII digits only.
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
 
 
 # --- wire models ---------------------------------------------------------------------------
@@ -147,77 +143,6 @@ class Context:
     payload_budget: int  # bytes the answer's JSON may take and still fit the broker's packet limit
 
 
-# --- signatures ----------------------------------------------------------------------------
-
-def canonical(request: dict[str, Any]) -> bytes:
-    body = {k: v for k, v in request.items() if k != "sig"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def signature(secret: bytes, topic: str, request: dict[str, Any]) -> str:
-    return hmac.new(secret, topic.encode("utf-8") + b"\n" + canonical(request), hashlib.sha256).hexdigest()
-
-
-def sign_request(secret: bytes, topic: str, request: dict[str, Any]) -> dict[str, Any]:
-    """The operator side: the request with ``sig`` set (ts and nonce must be in it already)."""
-    return {**request, "sig": signature(secret, topic, request)}
-
-
-def parse_rfc3339(ts: str) -> float:
-    """Seconds since the epoch of an RFC 3339 date-time such as ``2026-11-26T06:00:00.123Z``."""
-    if not _RFC3339.fullmatch(ts):
-        raise ValueError("not an RFC 3339 date-time (YYYY-MM-DDTHH:MM:SS[.fff] and Z or ±HH:MM)")
-    return datetime.fromisoformat(ts.upper().replace("Z", "+00:00")).timestamp()
-
-
-class ReplayCache:
-    """Nonces seen in the last ``window_s``; bounded, because memory is finite on a camera host."""
-
-    def __init__(self, window_s: float, max_entries: int = NONCE_CACHE_MAX):
-        self._window_s = window_s
-        self._max = max_entries
-        self._seen: OrderedDict[str, float] = OrderedDict()
-
-    def check_and_add(self, nonce: str, now: float) -> str | None:
-        """None when fresh (and now remembered), else why it is refused."""
-        # A ts may be up to window_s ahead of our clock, so a nonce stays replayable for 2 windows.
-        while self._seen and next(iter(self._seen.values())) < now - 2 * self._window_s:
-            self._seen.popitem(last=False)
-        if nonce in self._seen:
-            return "replayed nonce"
-        if len(self._seen) >= self._max:
-            # Evicting a live nonce would reopen it for replay; refusing is the safe side.
-            return "replay cache full, retry later"
-        self._seen[nonce] = now
-        return None
-
-
-# --- redaction -----------------------------------------------------------------------------
-
-def redact(value: Any, key: str = "") -> Any:
-    """Copy of a config document with secret-looking values hidden (``*_env`` only names a
-    variable) and credentials in URLs masked."""
-    words = set(key.lower().replace("-", "_").split("_"))
-    if words & _SECRET_WORDS and not key.lower().endswith("_env"):
-        return REDACTED
-    if isinstance(value, dict):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    return masked(value)
-
-
-def masked(value: Any) -> Any:
-    """Copy of a JSON-like value with the credentials of every URL in its strings masked."""
-    if isinstance(value, str):
-        return mask_userinfo(value)
-    if isinstance(value, dict):
-        return {k: masked(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [masked(v) for v in value]
-    return value
-
-
 # --- the MQTT packet an answer takes -----------------------------------------------------
 
 def _varint_size(n: int) -> int:
@@ -261,15 +186,12 @@ class CommandProcessor:
                  max_packet_size: Callable[[], int] = lambda: MQTT_MAX_PACKET_SIZE,
                  clock: Callable[[], float] = time.time):
         self._control = control
-        self._space = f"{topic_prefix}/{device_id}/"  # answers go nowhere else
-        self._base = f"{self._space}cmd/"
-        self._secret = secret
-        self._window_s = window_s
+        self._space = device_topic(topic_prefix, device_id) + "/"  # answers go nowhere else
+        self._base = command_base(topic_prefix, device_id)
+        self._verifier = RequestVerifier(secret, window_s, clock) if secret is not None else None
         self._emit = emit
         self._publish = publish  # (topic, payload, *, qos, correlation_data)
         self._max_packet_size = max_packet_size  # the broker's CONNACK Maximum Packet Size
-        self._clock = clock
-        self._replay = ReplayCache(window_s)
         self._queue: queue.Queue[tuple[str, bytes, Any] | None] = queue.Queue(QUEUE_SIZE)
         self._refusers = threading.BoundedSemaphore(4)
         # Supervised: a crash outside one request's guard restarts the worker, health shows it.
@@ -399,26 +321,12 @@ class CommandProcessor:
             raise CommandError(400, "malformed request: " + _first_problems(e)) from e
 
     def _authenticate(self, topic: str, raw: dict[str, Any], request: CommandRequest) -> None:
-        if self._secret is None:
+        if self._verifier is None:  # no secret configured: the broker ACL is the only guard
             return
-        if not request.sig:
-            raise CommandError(401, "missing signature")
-        # Signature first: unsigned junk must not fill the nonce cache. Bytes, because
-        # compare_digest refuses a str that is not ASCII.
-        if not hmac.compare_digest(request.sig.lower().encode("utf-8"),
-                                   signature(self._secret, topic, raw).encode("ascii")):
-            raise CommandError(401, "bad signature")
-        if not request.ts:
-            raise CommandError(401, "missing ts")
-        sent = parse_rfc3339(request.ts)  # the model checked it
-        now = self._clock()
-        if abs(now - sent) > self._window_s:
-            raise CommandError(401, f"stale request: ts is {now - sent:+.0f} s from the agent's clock")
-        if not request.nonce:
-            raise CommandError(401, "missing nonce")
-        refused = self._replay.check_and_add(request.nonce, now)
-        if refused:
-            raise CommandError(401, refused)
+        try:
+            self._verifier.verify(topic, raw, sig=request.sig, ts=request.ts, nonce=request.nonce)
+        except Unauthorized as e:
+            raise CommandError(401, str(e)) from e
 
     # --- the answer ---
 
@@ -596,11 +504,7 @@ def _args(model: type[BaseModel], args: dict[str, Any]) -> Any:
 
 
 def _first_problems(err: ValidationError, limit: int = 3) -> str:
-    parts = []
-    for e in err.errors()[:limit]:
-        where = ".".join(str(p) for p in e["loc"]) or "(request)"
-        parts.append(f"{where}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}")
-    return "; ".join(parts)
+    return "; ".join(problem_lines(err)[:limit])
 
 
 def _peek_request_id(payload: bytes) -> str | None:

@@ -5,16 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edge_agent.common.config import (
-    ConfigError,
     HttpConfig,
     LogConfig,
     MqttConfig,
     Strict,
     parse_bytes,
-    problem_lines,
+    parse_config,
     read_yaml,
 )
 from edge_agent.common.envelope import MAX_MESSAGE_BYTES
@@ -84,10 +83,7 @@ class AgentConfig(Strict):
 
 
 def parse_agent(data: dict[str, Any]) -> AgentConfig:
-    try:
-        return AgentConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(problem_lines(e)) from e
+    return parse_config(AgentConfig, data)
 
 
 def load_agent(path: Path) -> AgentConfig:

@@ -22,7 +22,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from edge_agent.agent.outbox import (
     EnvelopeTooLarge,
@@ -32,10 +32,11 @@ from edge_agent.agent.outbox import (
     OutboxUnavailable,
 )
 from edge_agent.common import metrics
-from edge_agent.common.envelope import MAX_MESSAGE_BYTES, Draft
+from edge_agent.common.config import problem_lines
+from edge_agent.common.envelope import MAX_MESSAGE_BYTES
 from edge_agent.common.logs import clip
 from edge_agent.common.supervised import SupervisedThread
-from edge_agent.common.wire import STREAMS
+from edge_agent.common.wire import STREAMS, PublishRequest, publish_draft
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +48,6 @@ _REQUEST_FIELD = {"type": "message.type", "camera_id": "message.camera_id", "tra
 # http.server's own 5xx answers to what is really a client's mistake.
 _CLIENT_CODE = {HTTPStatus.NOT_IMPLEMENTED: HTTPStatus.METHOD_NOT_ALLOWED,
                 HTTPStatus.HTTP_VERSION_NOT_SUPPORTED: HTTPStatus.BAD_REQUEST}
-
-
-class PublishRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    topic: str
-    message: dict[str, Any]
-    key: str | None = None
-
-
-def draft_from_publish(req: PublishRequest, correlation_id: str | None = None) -> Draft:
-    """DESIGN: ``message`` becomes ``data``; ``type`` and ``camera_id`` come from the message when given.
-
-    Raises pydantic's ValidationError when they break the envelope's rules (e.g. a 200-char type).
-    """
-    msg = req.message
-    type_ = msg["type"] if isinstance(msg.get("type"), str) and msg["type"] else "external"
-    camera = msg.get("camera_id") if isinstance(msg.get("camera_id"), str) else None
-    trace = msg.get("trace_id") if isinstance(msg.get("trace_id"), str) else None
-    return Draft(stream=req.topic, type=type_, data=msg, camera_id=camera,
-                 correlation_id=correlation_id, trace_id=trace)
 
 
 def _not_json(constant: str) -> Any:
@@ -98,11 +78,16 @@ def _error(code: int, text: str) -> tuple[int, dict]:
 
 
 def _first_error(e: ValidationError, fields: dict[str, str] | None = None) -> str:
-    first = e.errors(include_url=False)[0]
-    loc = [str(p) for p in first["loc"]]
-    if fields and loc and loc[0] in fields:
-        loc[0] = fields[loc[0]]
-    return f"{'.'.join(loc) or 'body'}: {first['msg']}"
+    """The first problem as ``problem_lines`` words it, its place named as the client sent it:
+    a Draft field by the request field it came from, the whole document as ``body``."""
+    line = problem_lines(e, root="body")[0]
+    loc = e.errors()[0]["loc"]
+    if not loc:
+        return line
+    head = str(loc[0])
+    if fields and head in fields:
+        return fields[head] + line[len(head):]
+    return line
 
 
 def _refuse_busy(sock: socket.socket) -> None:
@@ -186,7 +171,7 @@ class AgentHttp:
         if req.topic not in STREAMS:
             return _error(400, f"topic must be one of {', '.join(STREAMS)}")
         try:
-            env = self.outbox.put(draft_from_publish(req, correlation_id))
+            env = self.outbox.put(publish_draft(req, correlation_id))
         except ValidationError as e:  # the envelope's own rules, before anything is queued
             return _error(400, _first_error(e, _REQUEST_FIELD))
         except EnvelopeTooLarge as e:

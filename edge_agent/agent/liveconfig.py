@@ -6,6 +6,8 @@ is on disk. Remote patches (RFC 7396 JSON merge patch) and hand edits go
 through one gate: parse, validate with ``config.parse_agent``, check secrets,
 and only then replace the running config. A broken edit never replaces it.
 A remote patch may change only ``REMOTE_CHANGEABLE``; the rest takes a hand edit.
+What get_config shows hides secrets (``redact``), and a document sent back keeps
+them (``keep_hidden_values``): both directions of that rule live here.
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ from edge_agent.common.config import ConfigError, missing_secrets, parse_yaml_ma
 from edge_agent.common.envelope import Draft
 from edge_agent.common.files import atomic_write, remove_stale_temps
 from edge_agent.common.logs import mask_userinfo
+from edge_agent.common.wire import AUDIT_STREAM
 
 log = logging.getLogger(__name__)
 
 Source = Literal["remote", "file"]
-AUDIT_STREAM = "audit.logs"
 # Editors save in several steps (truncate, write, rename); wait for the burst to end.
 DEBOUNCE_S = 0.3
 REDACTED = "***"  # what get_config shows instead of a secret
+_SECRET_WORDS = {"password", "passwd", "secret", "token", "key", "credentials"}
 
 Key = tuple[str, ...]  # a place in a config document: ("cameras", "cam-1", "fps")
 
@@ -175,6 +178,30 @@ def _cameras_with_env_password(document: dict[str, Any]) -> set[str]:
     return {str(c["id"]) for c in cameras if isinstance(c, dict) and "id" in c and c.get("password_env")}
 
 
+def redact(value: Any, key: str = "") -> Any:
+    """Copy of a config document with secret-looking values hidden (``*_env`` only names a
+    variable) and credentials in URLs masked."""
+    words = set(key.lower().replace("-", "_").split("_"))
+    if words & _SECRET_WORDS and not key.lower().endswith("_env"):
+        return REDACTED
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    return masked(value)
+
+
+def masked(value: Any) -> Any:
+    """Copy of a JSON-like value with the credentials of every URL in its strings masked."""
+    if isinstance(value, str):
+        return mask_userinfo(value)
+    if isinstance(value, dict):
+        return {k: masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [masked(v) for v in value]
+    return value
+
+
 def keep_hidden_values(old: Any, new: Any) -> Any:
     """``new`` with every string that is ``old``'s as get_config shows it (URL credentials masked,
     secrets redacted) put back to ``old``'s: a config fetched, edited and sent back keeps them."""
@@ -207,8 +234,6 @@ def validate(data: dict[str, Any], *, check_secrets: bool = True) -> AgentConfig
     if problems:
         raise ConfigRejected(problems)
     return cfg
-
-
 
 
 def dump_document(data: dict[str, Any]) -> bytes:

@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from edge_agent.common.backoff import backoff_delay
 from edge_agent.common.envelope import Draft
 from edge_agent.vision.config import CameraConfig
 
@@ -239,7 +240,7 @@ class CameraSupervisor:
 
     def _failed(self, slot: _Slot, reason: str) -> None:
         slot.failures += 1
-        delay = min(self._backoff_min_s * 2 ** (slot.failures - 1), self._backoff_max_s)
+        delay = backoff_delay(slot.failures, self._backoff_min_s, self._backoff_max_s)
         slot.next_try = self._clock() + delay
         slot.last_error = reason
         log.error("camera %s: %s; next try in %.1f s", slot.camera.id, reason, delay,

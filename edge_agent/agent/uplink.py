@@ -26,15 +26,22 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edge_agent.agent.config import AgentMqttConfig
 from edge_agent.agent.outbox import Outbox, OutboxBusy
 from edge_agent.common import metrics
-from edge_agent.common.config import MqttConfig, env_secret
+from edge_agent.common.backoff import Backoff, backoff_delay
 from edge_agent.common.envelope import utc_now_iso
 from edge_agent.common.logs import clip
+from edge_agent.common.mqtt import configure_transport
 from edge_agent.common.supervised import SupervisedThread
+from edge_agent.common.wire import (
+    ack_topic,
+    command_base,
+    parse_ack,
+    status_topic,
+    uplink_topic,
+)
 
 log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[str, bytes, "Properties | None"], None]
-_MAX_ACK_RANGE = 1_000_000  # an ack naming more seqs than this is malformed
 # Publishes awaiting the broker's PUBACK. paho walks its whole outgoing queue on every PUBACK,
 # so we hand it no more than this at a time (the end-to-end window is separate and larger).
 _PUBACK_WINDOW = 200
@@ -50,47 +57,16 @@ class _InFlight:
     attempts: int
 
 
-def configure_transport(client: mqtt.Client, cfg: MqttConfig) -> None:
-    """TLS (CA, optional client certificate) and username/password from the environment."""
-    if cfg.tls is not None:
-        client.tls_set(ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
-                       certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
-                       keyfile=str(cfg.tls.key) if cfg.tls.key else None,
-                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        if cfg.tls.insecure:
-            client.tls_insecure_set(True)
-    if cfg.username:
-        client.username_pw_set(cfg.username, env_secret(cfg.password_env))
-
-
-def parse_ack(payload: bytes) -> list[tuple[int, int]]:
-    """``{"seq": [[from, to], ...]}`` -> ranges; raises ValueError on anything else."""
-    try:
-        doc = json.loads(payload)
-    except RecursionError:  # deep nesting is just another malformed ack
-        raise ValueError("ack nested too deeply") from None
-    ranges = doc.get("seq") if isinstance(doc, dict) else None
-    if not isinstance(ranges, list):
-        raise ValueError("ack without a seq list")
-    out = []
-    for r in ranges:
-        if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) for x in r)
-                or r[0] > r[1] or r[0] < 1 or r[1] - r[0] > _MAX_ACK_RANGE):
-            raise ValueError(f"bad seq range {r!r}")
-        out.append((r[0], r[1]))
-    return out
-
-
 class Uplink:
     def __init__(self, cfg: AgentMqttConfig, device_id: str, outbox: Outbox):
         self.cfg = cfg
         self.device_id = device_id
         self.outbox = outbox
-        prefix = f"{cfg.topic_prefix}/{device_id}"
-        self.topic_up = prefix + "/up/"
-        self.topic_ack = prefix + "/ack"
-        self.topic_status = prefix + "/status"
-        self.topic_cmd = prefix + "/cmd/#"
+        self.topic_ack = ack_topic(cfg.topic_prefix, device_id)
+        self.topic_status = status_topic(cfg.topic_prefix, device_id)
+        self.topic_cmd = command_base(cfg.topic_prefix, device_id) + "#"
+        # Full jitter, so that a fleet coming back after an outage does not reconnect in lockstep.
+        self._reconnect = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s, jitter="full")
         self._command_handler: CommandHandler | None = None
         self._inflight: dict[int, _InFlight] = {}
         self._mid_to_seq: dict[int, int] = {}
@@ -202,7 +178,7 @@ class Uplink:
         stream = entry.stream if entry else "?"
         self.refused_total += 1
         metrics.PUBLISH_REFUSED.labels(stream=stream, reason=str(reason_code)).inc()
-        log.error("broker refused publish of seq %s to %s%s: %s (entry kept)", seq, self.topic_up, stream,
+        log.error("broker refused publish of seq %s to %s: %s (entry kept)", seq, self._topic_up(stream),
                   reason_code, extra={"seq": seq, "stream": stream})
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
@@ -253,14 +229,12 @@ class Uplink:
             metrics.MQTT_CONNECTED.set(0)
 
     def _connect_and_serve(self) -> None:
-        delay = self.cfg.reconnect_min_s
+        self._reconnect.reset()
         while not self._stop.is_set():
             if not self._try_connect():
-                # Exponential backoff with full jitter, so a fleet does not reconnect in lockstep.
-                self._stop.wait(random.uniform(0, delay))
-                delay = min(delay * 2, self.cfg.reconnect_max_s)
+                self._stop.wait(self._reconnect.next_delay())
                 continue
-            delay = self.cfg.reconnect_min_s
+            self._reconnect.reset()
             self._serve_connection()
             if not self._stop.is_set():
                 # A fresh client: paho would otherwise resend its own queue on top of our requeue.
@@ -321,15 +295,19 @@ class Uplink:
         entries = self.outbox.take_unsent(budget)
         now = time.monotonic()
         for e in entries:
-            info = self._client.publish(self.topic_up + e.stream, e.payload, qos=1)
+            info = self._client.publish(self._topic_up(e.stream), e.payload, qos=1)
             self._mid_to_seq[info.mid] = e.seq
             self._inflight[e.seq] = _InFlight(e.stream, now, 1)
             metrics.PUBLISHED.labels(stream=e.stream).inc()
         self._tokens -= len(entries)
 
+    def _topic_up(self, stream: str) -> str:
+        return uplink_topic(self.cfg.topic_prefix, self.device_id, stream)
+
     def _ack_timeout(self, attempts: int) -> float:
-        base = min(self.cfg.ack_timeout_s * 2 ** (attempts - 1), self.cfg.ack_timeout_max_s)
-        return base * random.uniform(0.8, 1.2)
+        """How long the ``attempts``-th send may wait for its ack: the backoff, give or take a fifth,
+        so that entries sent together are not all resent in the same turn."""
+        return backoff_delay(attempts, self.cfg.ack_timeout_s, self.cfg.ack_timeout_max_s) * random.uniform(0.8, 1.2)
 
     def _resend_overdue(self) -> None:
         now = time.monotonic()
@@ -349,7 +327,7 @@ class Uplink:
             if entry is None:  # acked, dropped or unreadable meanwhile
                 self._inflight.pop(seq, None)
                 continue
-            info = self._client.publish(self.topic_up + entry.stream, entry.payload, qos=1)
+            info = self._client.publish(self._topic_up(entry.stream), entry.payload, qos=1)
             self._mid_to_seq[info.mid] = seq
             f.sent_at, f.attempts = now, f.attempts + 1
             metrics.RESENT.inc()

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,40 +19,26 @@ from edge_agent.common.envelope import Draft, iso_utc
 from edge_agent.common.logs import clip
 from edge_agent.vision.capture import LatestFrameReader, RateMeter
 from edge_agent.vision.config import CameraConfig, ModelConfig
-from edge_agent.vision.count import CounterStore, Crossing, LineTotals
+from edge_agent.vision.count import CounterStore, Crossing
 from edge_agent.vision.detect import Detector
-from edge_agent.vision.stage import OCCUPANCY_CLEAR_FRAMES, CountingStage
+from edge_agent.vision.stage import OCCUPANCY_CLEAR_FRAMES, CountingStage, StepTally
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Interval:
+@dataclass(kw_only=True)
+class _Interval(StepTally):
     """What one counting.interval reports; reset after each report."""
 
     started_wall: float
     started: float
-    frames: int = 0
-    skipped: int = 0
-    inference_ms: float = 0.0
-    totals: LineTotals = field(default_factory=LineTotals)
-    occupancy_sum: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    occupancy_max: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    skipped: int = 0  # frames the camera delivered that processing had no time for
 
     def absorb(self, earlier: "_Interval") -> None:
         """Take in a report that could not be stored, so that the next one still carries its counts."""
+        super().absorb(earlier)
         self.started_wall, self.started = earlier.started_wall, earlier.started
-        self.frames += earlier.frames
         self.skipped += earlier.skipped
-        self.inference_ms += earlier.inference_ms
-        for line, dirs in earlier.totals.lines.items():
-            for direction, classes in dirs.items():
-                for cls, n in classes.items():
-                    self.totals.lines[line][direction][cls] += n
-        for zone, n in earlier.occupancy_sum.items():
-            self.occupancy_sum[zone] += n
-        for zone, n in earlier.occupancy_max.items():
-            self.occupancy_max[zone] = max(self.occupancy_max[zone], n)
 
 
 class CameraWorker:
@@ -70,7 +56,7 @@ class CameraWorker:
         self.reader = LatestFrameReader(camera, self._on_camera_event)
         self._stage: CountingStage | None = None
         self._lock = threading.Lock()  # guards the interval and the totals (report vs. processing)
-        self._interval = _Interval(time.time(), time.monotonic())
+        self._interval = _Interval(started_wall=time.time(), started=time.monotonic())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._beat = time.monotonic()
@@ -219,13 +205,8 @@ class CameraWorker:
         metrics.INFERENCE_SECONDS.observe(dets.timing_ms["inference"] / 1e3)
         metrics.CAMERA_FPS.labels(self.camera.id).set(self._meter.rate(now))
         with self._lock:
-            iv = self._interval
-            iv.frames += 1
-            iv.skipped += skipped
-            iv.inference_ms += dets.timing_ms["inference"]
-            for z, n in step.occupancy.items():
-                iv.occupancy_sum[z] += n
-                iv.occupancy_max[z] = max(iv.occupancy_max[z], n)
+            self._interval.add_step(step, dets.timing_ms)
+            self._interval.skipped += skipped
         self._record_crossings(step.crossings)
         self._check_occupancy(step.occupancy)
         if self._dirty and now - self._last_counts_saved >= 1.0:
@@ -234,7 +215,7 @@ class CameraWorker:
     def _record_crossings(self, crossings: list[Crossing]) -> None:
         for c in crossings:
             with self._lock:
-                self._interval.totals.add(c)
+                self._interval.add_crossing(c)
                 self.store.totals.add(c)
                 self._dirty = True
             metrics.CROSSINGS.labels(self.camera.id, c.line, c.direction, c.class_name).inc()
@@ -276,17 +257,16 @@ class CameraWorker:
             iv = self._interval
             if iv.frames == 0 and not iv.totals.lines and now - iv.started < 1.0:
                 return
-            self._interval = _Interval(now_wall, now)
+            self._interval = _Interval(started_wall=now_wall, started=now)
             cumulative = self.store.totals.as_dict([line.id for line in self.camera.lines])
         elapsed = max(now - iv.started, 1e-9)
         interval_counts = iv.totals.as_dict([line.id for line in self.camera.lines])
         data = {"from": iso_utc(iv.started_wall), "to": iso_utc(now_wall), "interval_s": round(elapsed, 3),
                 "frames": iv.frames, "skipped": iv.skipped, "fps": round(iv.frames / elapsed, 2),
                 "camera_fps": round(self.reader.camera_fps(), 2),
-                "inference_ms": round(iv.inference_ms / iv.frames, 2) if iv.frames else None,
+                "inference_ms": round(iv.timing_sum["inference"] / iv.frames, 2) if iv.frames else None,
                 "lines": {lid: {**interval_counts[lid], "cumulative": cumulative[lid]} for lid in interval_counts},
-                "zones": {z.id: {"avg": round(iv.occupancy_sum[z.id] / iv.frames, 3) if iv.frames else 0.0,
-                                 "max": iv.occupancy_max[z.id]} for z in self.camera.zones}}
+                "zones": iv.zones([z.id for z in self.camera.zones])}
         if not self._emit("ai.inference.results", "counting.interval", data):
             with self._lock:
                 self._interval.absorb(iv)

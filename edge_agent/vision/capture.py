@@ -20,6 +20,7 @@ from urllib.parse import quote, unquote, urlparse, urlsplit, urlunsplit
 import cv2
 import numpy as np
 
+from edge_agent.common.backoff import Backoff
 from edge_agent.common.config import env_secret
 from edge_agent.common.logs import mask_userinfo
 from edge_agent.vision.config import CameraConfig
@@ -252,6 +253,7 @@ class LatestFrameReader:
         self._meter = RateMeter()
         self._stall_reported = False
         self._down_since: float | None = None
+        self._backoff = Backoff(camera.reconnect_min_s, camera.reconnect_max_s)
 
     # --- control -------------------------------------------------------------------------
     def start(self) -> None:
@@ -309,31 +311,33 @@ class LatestFrameReader:
         self.on_event(type_, {k: mask_userinfo(v) if isinstance(v, str) else v for k, v in data.items()})
 
     def _run(self) -> None:
-        delay = self.camera.reconnect_min_s
+        self._backoff.reset()
         while not self._stop.is_set():
             self.last_attempt_at = time.monotonic()
             try:
                 # Reads time out after twice stall_s: frame_stall is reported first, then reconnect.
                 cap = open_capture(credentialed_source(self.camera), timeout_s=2 * self.camera.stall_s)
             except StreamError as e:
-                delay = self._failed(str(e), delay)
+                self._failed(str(e))
                 continue
             try:
                 ended = self._read_until_failure(cap)
             except Exception as e:  # noqa: BLE001 - a decoder surprise must not end the reader for good
                 log.exception("camera %s: reading failed", self.camera.id)
-                delay = self._failed(f"reading failed: {type(e).__name__}: {e}", delay)
+                self._failed(f"reading failed: {type(e).__name__}: {e}")
                 continue
             finally:
                 cap.release()
             if ended:
                 return
-            delay = self.camera.reconnect_min_s if self.frames_read else delay
+            if self.frames_read:  # the source worked: a new outage starts the backoff afresh
+                self._backoff.reset()
             if not self._stop.is_set():
-                delay = self._failed("stream stopped delivering frames", delay)
+                self._failed("stream stopped delivering frames")
 
-    def _failed(self, reason: str, delay: float) -> float:
-        """Report a failed attempt and wait ``delay``; returns the next (doubled) delay."""
+    def _failed(self, reason: str) -> None:
+        """Report a failed attempt and wait out the backoff (it doubles with every failure)."""
+        delay = self._backoff.next_delay()
         self.errors += 1
         was_online = self.state in ("running", "stalled")
         self.state = "connecting"
@@ -345,7 +349,6 @@ class LatestFrameReader:
                                               "attempt": self.errors, "retry_in_s": round(delay, 3)})
         log.warning("camera %s: %s; retrying in %.1f s", self.camera.id, reason, delay)
         self._stop.wait(delay)
-        return min(delay * 2, self.camera.reconnect_max_s)
 
     def _read_until_failure(self, cap: cv2.VideoCapture) -> bool:
         """Read frames until the source fails (False) or a file ends without loop (True)."""

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections import defaultdict, deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -35,10 +35,33 @@ Direction = Literal["in", "out"]
 
 
 def anchor_point(xyxy, kind: AnchorKind = "bottom_center") -> tuple[float, float]:
-    """The anchor of a box given as an array or, cheaper per call, a list of floats."""
+    """The anchor of a box given as an array or, cheaper per call, a list of floats: the one
+    definition the line counters, the zone counters and the stage's ID-switch repair share."""
     x1, y1, x2, y2 = xyxy.tolist() if isinstance(xyxy, np.ndarray) else xyxy
-    y = {"bottom_center": y2, "center": (y1 + y2) / 2, "top_center": y1}[kind]
-    return (x1 + x2) / 2, y
+    if kind == "bottom_center":  # the default: no other anchor computed on the hot path
+        return (x1 + x2) / 2, y2
+    return (x1 + x2) / 2, (y1 + y2) / 2 if kind == "center" else y1
+
+
+class RecentAnchors:
+    """A track's last few anchors and their mean, which damps detector jitter (and delays a
+    crossing slightly): the one smoothing both the stage and a line counter on its own use."""
+
+    def __init__(self, keep: int):
+        self.points: deque[tuple[float, float]] = deque(maxlen=keep)
+
+    def add(self, pt: tuple[float, float]) -> None:
+        self.points.append(pt)
+
+    def mean(self, last: int | None = None) -> tuple[float, float]:
+        """The mean of the last ``last`` anchors (all kept ones by default). Plain loops: this
+        runs per track, line and frame, where generator sums cost more than the arithmetic."""
+        pts = self.points if last is None or last >= len(self.points) else list(self.points)[-last:]
+        sx = sy = 0.0
+        for x, y in pts:
+            sx += x
+            sy += y
+        return sx / len(pts), sy / len(pts)
 
 
 class Segment:
@@ -94,25 +117,12 @@ class Crossing:
 class _TrackOnLine:
     last: tuple[float, float]
     class_name: str
+    recent: RecentAnchors  # the last raw anchors, when the line smooths them itself
     pending: Direction | None = None
     pending_frame: int = 0
     pending_ts: float = 0.0
     seen_on_new_side: int = 0
     depth: float = 0.0  # furthest the anchor got past the line since the pending crossing, in box heights
-    recent: list = field(default_factory=list)  # the last raw anchors, averaged to damp detector jitter
-
-    def smoothed(self, raw: tuple[float, float], keep: int) -> tuple[float, float]:
-        """Add ``raw`` and return the mean of the last ``keep`` anchors (plain loops: this runs per
-        track, line and frame, where generator sums cost more than the arithmetic)."""
-        recent = self.recent
-        recent.append(raw)
-        if len(recent) > keep:
-            del recent[0]
-        sx = sy = 0.0
-        for x, y in recent:
-            sx += x
-            sy += y
-        return sx / len(recent), sy / len(recent)
 
 
 class LineCounter:
@@ -143,9 +153,14 @@ class LineCounter:
         box_h = max(xyxy[3] - xyxy[1], 1.0)
         st = self.tracks.get(track_id)
         if st is None:
-            self.tracks[track_id] = _TrackOnLine(raw, class_name, recent=[raw])
+            self.tracks[track_id] = st = _TrackOnLine(raw, class_name, RecentAnchors(self.smooth))
+            st.recent.add(raw)
             return None
-        pt = st.smoothed(raw, self.smooth) if smoothed is None else smoothed
+        if smoothed is None:
+            st.recent.add(raw)
+            pt = st.recent.mean()
+        else:
+            pt = smoothed
         direction = self.segment.crossing(st.last, pt)
         st.last, st.class_name = pt, class_name
         if direction is not None:
@@ -233,6 +248,13 @@ class LineTotals:
 
     def add(self, c: Crossing) -> None:
         self.lines[c.line][c.direction][c.class_name] += 1
+
+    def merge(self, other: "LineTotals") -> None:
+        """Add ``other``'s counts to these."""
+        for line, dirs in other.lines.items():
+            for direction, classes in dirs.items():
+                for cls, n in classes.items():
+                    self.lines[line][direction][cls] += n
 
     def as_dict(self, line_ids: Iterable[str] = ()) -> dict:
         """``{line: {"in", "out", "by_class": {cls: {"in", "out"}}}}``; listed lines appear even at zero."""

@@ -104,9 +104,10 @@ def letterbox_blob(image: np.ndarray, size_hw: tuple[int, int], *, centre: bool,
     s = min(th / h, tw / w)
     nh, nw = min(th, int(round(h * s))), min(tw, int(round(w * s)))
     dy, dx = ((th - nh) // 2, (tw - nw) // 2) if centre else (0, 0)
-    # Bilinear, as in YOLOX's and Ultralytics' training pipelines (and 7x cheaper than INTER_AREA).
+    # Bilinear, as in YOLOX's and Ultralytics' training pipelines, and far cheaper than INTER_AREA
+    # (docs/agent.md has the figures).
     resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    planes = cv2.split(resized)  # contiguous planes convert ~2x faster than a strided transpose
+    planes = cv2.split(resized)  # contiguous planes convert faster than a strided transpose
     if rgb:
         planes = planes[::-1]
     blob = np.empty((1, 3, th, tw), np.float32)
@@ -170,8 +171,8 @@ class Detector:
     """One onnxruntime session; ``run`` is thread-safe, so cameras may share a detector."""
 
     def __init__(self, model: ModelConfig, *, class_names: list[str] | None = None):
-        # OpenCV's own thread pool splits a 768x576 resize across cores that onnxruntime is using:
-        # as fast in wall time single-threaded, and a third less CPU (process-wide setting).
+        # OpenCV's own thread pool splits a resize across cores that onnxruntime is using: single-
+        # threaded it is as fast in wall time and costs less CPU (process-wide; docs/agent.md).
         cv2.setNumThreads(1)
         self.config = model
         self.format = model.format

@@ -6,13 +6,13 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import ValidationError
 
+from edge_agent.common.config import problem_lines
 from edge_agent.vision.capture import (
     StreamError,
     iter_file_frames,
@@ -20,14 +20,9 @@ from edge_agent.vision.capture import (
     video_size,
 )
 from edge_agent.vision.config import LineConfig, ModelConfig, ZoneConfig
-from edge_agent.vision.count import Crossing, LineTotals
-from edge_agent.vision.detect import (
-    Detections,
-    Detector,
-    ModelFormatError,
-    UnknownClassError,
-)
-from edge_agent.vision.stage import CountingStage, StepResult
+from edge_agent.vision.count import Crossing
+from edge_agent.vision.detect import Detector, ModelFormatError, UnknownClassError
+from edge_agent.vision.stage import CountingStage, StepResult, StepTally
 
 
 class UsageError(ValueError):
@@ -64,18 +59,19 @@ def parse_zone_arg(text: str) -> ZoneConfig:
     try:
         return ZoneConfig(id=ident, polygon=[(p[0], p[1]) for p in points])
     except ValidationError as e:
-        raise UsageError(f"--zone {text!r}: {e.errors()[0]['loc']} {e.errors()[0]['msg']}") from None
+        raise UsageError(f"--zone {text!r}: {problem_lines(e)[0]}") from None
 
 
 @dataclass
-class CountReport:
-    frames: int = 0
+class CountReport(StepTally):
+    """A whole video's tally, with its wall time and every crossing in order."""
+
     seconds: float = 0.0
-    totals: LineTotals = field(default_factory=LineTotals)
-    occupancy_sum: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    occupancy_max: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    timing_sum: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     crossings: list[Crossing] = field(default_factory=list)
+
+    def add_crossing(self, c: Crossing) -> None:
+        super().add_crossing(c)
+        self.crossings.append(c)
 
     def as_dict(self, line_ids: list[str], zone_ids: list[str]) -> dict[str, Any]:
         n = max(self.frames, 1)
@@ -84,10 +80,7 @@ class CountReport:
         timing["overhead_vs_inference_pct"] = round(100 * overhead / max(self.timing_sum["inference"], 1e-9), 2)
         return {"frames": self.frames, "seconds": round(self.seconds, 3),
                 "fps": round(self.frames / self.seconds, 2) if self.seconds else 0.0,
-                "lines": self.totals.as_dict(line_ids),
-                "zones": {z: {"avg": round(self.occupancy_sum[z] / n, 3), "max": self.occupancy_max[z]}
-                          for z in zone_ids},
-                "timing": timing}
+                "lines": self.totals.as_dict(line_ids), "zones": self.zones(zone_ids), "timing": timing}
 
 
 def count_video(video: str | Path, detector: Detector, lines: list[LineConfig], zones: list[ZoneConfig], *,
@@ -104,27 +97,15 @@ def count_video(video: str | Path, detector: Detector, lines: list[LineConfig], 
         if max_frames is not None and report.frames >= max_frames:
             break
         step = stage.step(dets, index, index / src_fps)
-        _add_step(report, dets, step)
+        report.add_step(step, dets.timing_ms)
+        for c in step.crossings:
+            report.add_crossing(c)
         if on_step is not None:
             on_step(index, step)
     for c in stage.finish():
-        report.totals.add(c)
-        report.crossings.append(c)
+        report.add_crossing(c)
     report.seconds = time.perf_counter() - started
     return report
-
-
-def _add_step(report: CountReport, dets: Detections, step: StepResult) -> None:
-    report.frames += 1
-    for k, v in dets.timing_ms.items():
-        report.timing_sum[k] += v
-    report.timing_sum["tracking"] += step.tracking_ms
-    for c in step.crossings:
-        report.totals.add(c)
-        report.crossings.append(c)
-    for z, n in step.occupancy.items():
-        report.occupancy_sum[z] += n
-        report.occupancy_max[z] = max(report.occupancy_max[z], n)
 
 
 def _print_human(result: dict[str, Any]) -> None:
@@ -159,8 +140,7 @@ def count_command(args: argparse.Namespace) -> int:
         print(f"edge-agent count: {e}", file=sys.stderr)
         return 2
     except ValidationError as e:
-        err = e.errors()[0]
-        print(f"edge-agent count: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        print(f"edge-agent count: {problem_lines(e)[0]}", file=sys.stderr)
         return 2
     result = report.as_dict([x.id for x in lines], [z.id for z in zones])
     if args.json:

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from edge_agent.vision.config import LineConfig, ZoneConfig
-from edge_agent.vision.count import Crossing, LineCounter, ZoneCounter
+from edge_agent.vision.count import (
+    Crossing,
+    LineCounter,
+    LineTotals,
+    RecentAnchors,
+    ZoneCounter,
+    anchor_point,
+)
 from edge_agent.vision.detect import LOW_SCORE_FLOOR, Detections
 from edge_agent.vision.track import ByteTracker, TrackedObject, iou_matrix
 
@@ -60,28 +67,67 @@ class StepResult:
     tracking_ms: float = 0.0
 
 
+@dataclass
+class StepTally:
+    """What a run of counting steps adds up to: frames, time per stage, crossings per line and
+    zone occupancy. The daemon's interval reports and the offline ``count`` both keep one."""
+
+    frames: int = 0
+    timing_sum: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # ms per stage
+    totals: LineTotals = field(default_factory=LineTotals)
+    occupancy_sum: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    occupancy_max: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add_step(self, step: StepResult, timing_ms: dict[str, float]) -> None:
+        """One processed frame: its detector timing, the tracking time and the zones' occupancy
+        (its crossings go to ``add_crossing``: pending ones also count when tracks end)."""
+        self.frames += 1
+        for k, v in timing_ms.items():
+            self.timing_sum[k] += v
+        self.timing_sum["tracking"] += step.tracking_ms
+        for z, n in step.occupancy.items():
+            self.occupancy_sum[z] += n
+            self.occupancy_max[z] = max(self.occupancy_max[z], n)
+
+    def add_crossing(self, c: Crossing) -> None:
+        self.totals.add(c)
+
+    def absorb(self, earlier: "StepTally") -> None:
+        """Take in an earlier tally (a report that could not be stored) so its counts are not lost."""
+        self.frames += earlier.frames
+        for k, v in earlier.timing_sum.items():
+            self.timing_sum[k] += v
+        self.totals.merge(earlier.totals)
+        for zone, n in earlier.occupancy_sum.items():
+            self.occupancy_sum[zone] += n
+        for zone, n in earlier.occupancy_max.items():
+            self.occupancy_max[zone] = max(self.occupancy_max[zone], n)
+
+    def zones(self, zone_ids: list[str]) -> dict[str, dict[str, float | int]]:
+        """``{zone: {"avg", "max"}}``: occupancy per frame, and its peak."""
+        n = max(self.frames, 1)
+        return {z: {"avg": round(self.occupancy_sum[z] / n, 3), "max": self.occupancy_max[z]} for z in zone_ids}
+
+
 class _Trail:
-    """A track's recent bottom-centre anchors; it moves to the new id on an ID switch."""
+    """A track's recent bottom-centre anchors, with the step of each; it moves to the new id on an ID switch."""
 
     def __init__(self) -> None:
-        self.points: deque[tuple[int, float, float]] = deque(maxlen=max(TRAIL_STEPS, SMOOTH_FRAMES))  # (step, x, y)
+        keep = max(TRAIL_STEPS, SMOOTH_FRAMES)
+        self.anchors = RecentAnchors(keep)
+        self.steps: deque[int] = deque(maxlen=keep)
         self.step = 0
         self.class_id = -1
 
     def add(self, step: int, xyxy: np.ndarray, class_id: int) -> None:
-        x1, _, x2, y2 = xyxy.tolist()
-        self.points.append((step, (x1 + x2) / 2, y2))
+        self.anchors.add(anchor_point(xyxy))
+        self.steps.append(step)
         self.step, self.class_id = step, class_id
-
-    def mean_anchor(self, last: int) -> tuple[float, float]:
-        """The mean of the last ``last`` anchors: damps detector jitter for the line counters."""
-        pts = list(self.points)[-last:]
-        return sum(p[1] for p in pts) / len(pts), sum(p[2] for p in pts) / len(pts)
 
     def predicted_anchor(self, step: int) -> tuple[float, float]:
         """The last anchor moved on at the mean speed over the trail (constant velocity)."""
-        s1, x1, y1 = self.points[-1]
-        s0, x0, y0 = self.points[0]
+        (x0, y0), (x1, y1) = self.anchors.points[0], self.anchors.points[-1]
+        s0, s1 = self.steps[0], self.steps[-1]
         if s1 == s0:
             return x1, y1
         k = (step - s1) / (s1 - s0)
@@ -124,7 +170,7 @@ class CountingStage:
         for t in new:
             if self._overlaps_another(t, tracks):
                 continue  # a second box on someone still visible, not a hidden person come back
-            bottom = ((float(t.xyxy[0]) + float(t.xyxy[2])) / 2, float(t.xyxy[3]))
+            bottom = anchor_point(t.xyxy)
             best, best_d = None, HANDOVER_DISTANCE * float(t.xyxy[3] - t.xyxy[1])
             for tid, trail in orphans.items():
                 if trail.class_id != t.class_id:
@@ -165,7 +211,7 @@ class CountingStage:
         for t in tracks:
             name = self.names[t.class_id]
             box = t.xyxy.tolist()  # plain floats: the per-line arithmetic is scalar
-            bottom = self._trails[t.track_id].mean_anchor(SMOOTH_FRAMES)  # once for all lines
+            bottom = self._trails[t.track_id].anchors.mean(SMOOTH_FRAMES)  # once for all lines
             for line in self.lines:
                 pt = bottom if line.anchor == "bottom_center" else None
                 if line.wants(name) and (c := line.observe(t.track_id, box, name, frame, ts, pt)):
@@ -181,12 +227,4 @@ class CountingStage:
     def finish(self) -> list[Crossing]:
         """End of the video: every track ends, pending crossings count."""
         return [c for line in self.lines for c in line.end_all()]
-
-
-# --- edge-agent count ------------------------------------------------------------------------
-
-
-# --- the daemon's per-camera worker ------------------------------------------------------------
-
-
 

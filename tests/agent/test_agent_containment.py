@@ -19,19 +19,19 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from test_uplink import DEVICE, start_agent
 
-from edge_testkit.brokers import free_port, wait_for
 from edge_agent.agent import daemon
-from edge_agent.common import metrics
 from edge_agent.agent.config import AgentConfig, parse_agent
-from edge_agent.vision.config import CameraConfig, ModelConfig
-from edge_agent.vision.count import Crossing
-from edge_agent.common.envelope import MAX_MESSAGE_BYTES, Draft
 from edge_agent.agent.outbox import OutboxDiskFull
 from edge_agent.agent.worker import CameraWorker
+from edge_agent.common import metrics
+from edge_agent.common.envelope import MAX_MESSAGE_BYTES, Draft
 from edge_agent.common.supervised import SupervisedThread
-from test_uplink import DEVICE, acker_factory, start_agent  # noqa: F401 - a fixture
+from edge_agent.vision.config import CameraConfig, ModelConfig
+from edge_agent.vision.count import Crossing
 from edge_testkit.agent import AgentApi, write_agent_config
+from edge_testkit.processes import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -10,11 +10,11 @@ import diskcache
 import httpx
 import pytest
 
-from edge_testkit.brokers import wait_for
-from edge_agent.agent.http import AgentHttp
 from edge_agent.agent.config import OutboxConfig
-from edge_agent.common.envelope import MAX_MESSAGE_BYTES, Envelope
+from edge_agent.agent.http import AgentHttp
 from edge_agent.agent.outbox import Outbox
+from edge_agent.common.envelope import MAX_MESSAGE_BYTES, Envelope
+from edge_testkit.processes import wait_for
 
 
 @pytest.fixture
@@ -51,6 +51,14 @@ def test_message_without_a_type_is_external(served):
     assert client.post("/api/v1/queue/publish", json={"topic": "camera.events", "message": {"x": 1}}).status_code == 200
     env = Envelope.model_validate_json(box.take_unsent(1)[0].payload)
     assert env.type == "external" and env.camera_id is None
+
+
+def test_an_empty_camera_id_or_trace_id_means_none_as_on_the_bridge(served):
+    client, box = served()
+    message = {"type": "door.open", "camera_id": "", "trace_id": ""}
+    assert client.post("/api/v1/queue/publish", json={"topic": "notifications", "message": message}).status_code == 200
+    env = Envelope.model_validate_json(box.take_unsent(1)[0].payload)
+    assert env.camera_id is None and env.trace_id and env.data == message
 
 
 @pytest.mark.parametrize("body, needle", [

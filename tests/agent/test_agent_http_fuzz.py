@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from edge_testkit.brokers import AgentProcess, start_mosquitto, wait_for
-from edge_agent.common.wire import STREAMS
 from test_uplink import Acker
+
+from edge_agent.common.wire import STREAMS
 from edge_testkit.agent import AgentApi, write_agent_config
+from edge_testkit.mqtt import start_mosquitto
+from edge_testkit.processes import AgentProcess, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -16,10 +16,16 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.agent.commands import CommandProcessor, ReplayCache, parse_rfc3339, publish_packet_size, redact, sign_request
+from edge_agent.agent.command_auth import ReplayCache, parse_rfc3339, sign_request
+from edge_agent.agent.commands import CommandProcessor, publish_packet_size
+from edge_agent.agent.liveconfig import (
+    ChangeForbidden,
+    ConfigRejected,
+    VersionConflict,
+    redact,
+)
 from edge_agent.agent.supervisor import UnknownCamera
 from edge_agent.common.envelope import Draft
-from edge_agent.agent.liveconfig import ChangeForbidden, ConfigRejected, VersionConflict
 
 SECRET = b"s3cret"
 NOW = 1_800_000_000.0
@@ -354,7 +360,7 @@ def test_a_flood_beyond_the_queue_is_answered_503_not_dropped_silently(h: Harnes
     for i in range(QUEUE_SIZE):  # the worker is not started: the queue fills up
         h.proc.on_message(BASE + "ping", b'{"request_id": "q%d"}' % i, None)
     h.proc.on_message(BASE + "ping", b'{"request_id": "overflow"}', None)
-    from edge_testkit.brokers import wait_for
+    from edge_testkit.processes import wait_for
     wait_for(lambda: any(json.loads(p)["request_id"] == "overflow" for _, p, _ in h.published), 10)
     answer = next(json.loads(p) for _, p, _ in h.published if json.loads(p)["request_id"] == "overflow")
     assert answer["code"] == 503 and h.drafts[-1].type == "command.rejected"
@@ -364,7 +370,7 @@ def test_a_flood_beyond_the_queue_is_answered_503_not_dropped_silently(h: Harnes
 
 
 def test_the_worker_restarts_after_a_crash_outside_a_requests_guard(h: Harness) -> None:
-    from edge_testkit.brokers import wait_for
+    from edge_testkit.processes import wait_for
     process, crashes = h.proc.process, []
 
     def crash_once(*args: Any) -> Any:  # SystemExit from a library slips past the per-request guard

@@ -28,11 +28,21 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-
-from edge_testkit.brokers import AgentProcess, free_port, start_mosquitto, wait_for
-from edge_agent.agent.commands import publish_packet_size, sign_request
 from test_commands import props
-from test_daemon import DEVICE, SECRET, agent_config, file_camera, footage_file, start_agent, version_of_file
+from test_daemon import (
+    DEVICE,
+    SECRET,
+    agent_config,
+    file_camera,
+    footage_file,
+    start_agent,
+    version_of_file,
+)
+
+from edge_agent.agent.command_auth import sign_request
+from edge_agent.agent.commands import publish_packet_size
+from edge_testkit.mqtt import start_mosquitto
+from edge_testkit.processes import AgentProcess, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 

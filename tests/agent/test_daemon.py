@@ -30,9 +30,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.agent.command_auth import sign_request
 from edge_testkit.agent import NotifySocket
-from edge_testkit.brokers import AgentProcess, free_port, shared_dir, start_mosquitto, wait_for
-from edge_agent.agent.commands import sign_request
+from edge_testkit.mqtt import start_mosquitto
+from edge_testkit.processes import AgentProcess, free_port, shared_dir, wait_for
 
 SECRET = "op-secret-for-tests"
 DEVICE = "gw-ops"

@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge_testkit.brokers import wait_for
+from edge_agent.agent.liveconfig import (
+    ChangeForbidden,
+    ConfigChange,
+    ConfigRejected,
+    LiveConfig,
+    VersionConflict,
+    changed_paths,
+    version_of,
+)
 from edge_agent.common.envelope import Draft
-from edge_agent.agent.liveconfig import ChangeForbidden, ConfigChange, ConfigRejected, LiveConfig, VersionConflict, changed_paths, version_of
+from edge_testkit.processes import wait_for
 
 BASE = {
     "device_id": "gw-1",
@@ -270,7 +278,7 @@ def test_hand_edits_are_not_restricted(guarded: LiveConfig, cfg_file: Path) -> N
 
 
 def test_a_config_fetched_masked_and_sent_back_keeps_its_credentials(cfg_file: Path) -> None:
-    from edge_agent.agent.commands import redact
+    from edge_agent.agent.liveconfig import redact
 
     cfg_file.write_text(yaml.safe_dump({**BASE, "cameras": [{"id": "cam-1", "source": "rtsp://admin:pw@10.0.0.1/s"}]}))
     live = LiveConfig(cfg_file)

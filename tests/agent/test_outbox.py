@@ -13,12 +13,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from edge_testkit.brokers import wait_for
-from edge_agent.common import metrics
 from edge_agent.agent.config import OutboxConfig
+from edge_agent.agent.outbox import (
+    EnvelopeTooLarge,
+    Outbox,
+    OutboxDiskFull,
+    OutboxFull,
+    OutboxUnavailable,
+)
+from edge_agent.agent.outbox.index import OutboxIndex
+from edge_agent.common import metrics
 from edge_agent.common.envelope import Draft, Envelope, build, encode
-from edge_agent.agent.outbox import EnvelopeTooLarge, Outbox, OutboxDiskFull, OutboxFull, OutboxUnavailable
 from edge_agent.common.wire import seq_ranges
+from edge_testkit.processes import wait_for
 
 
 def _cfg(tmp_path: Path, **kw) -> OutboxConfig:
@@ -313,3 +320,18 @@ def test_an_overflow_report_too_big_for_one_envelope_names_the_span(tmp_path):
                    if b'"outbox.overflow"' in e.payload]
     assert any(r.data.get("ranges_truncated") for r in reports), [r.data for r in reports]
     assert sum(r.data["count"] for r in reports) >= 400
+
+
+# --- the in-memory index alone -----------------------------------------------------------------
+
+def test_index_takes_by_priority_requeues_in_order_and_accounts_bytes() -> None:
+    index = OutboxIndex(["low", "high"])
+    index.add([(1, "low", 10), (2, "high", 20), (3, "low", 30), (4, "high", 40)])
+    assert index.take(3, ["high", "low"]) == [(2, "high"), (4, "high"), (1, "low")]
+    assert index.unsent_count() == 1 and sorted(index.inflight()) == [1, 2, 4]
+    index.requeue([4, 2])
+    assert index.take(10, ["high", "low"]) == [(2, "high"), (4, "high"), (3, "low")]
+    assert index.drop_known([2, 99]) == [2] and index.drop(99) is None
+    assert index.oldest_of("low") == 1 and index.oldest_seq() == 1
+    stats = index.stats()
+    assert (stats.depth, stats.bytes, stats.inflight, stats.by_stream) == (3, 80, 3, {"low": 2, "high": 1})

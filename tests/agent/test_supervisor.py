@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_testkit.brokers import free_port, wait_for
-from edge_agent.vision.config import CameraConfig
 from edge_agent.agent.config import parse_agent
 from edge_agent.agent.supervisor import CameraSupervisor, UnknownCamera
+from edge_agent.vision.config import CameraConfig
+from edge_testkit.processes import free_port, wait_for
 
 
 class FakeWorker:

@@ -18,7 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_testkit.agent import AgentApi, publish_many, write_agent_config
-from edge_testkit.brokers import wait_for
+from edge_testkit.processes import wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -62,20 +62,6 @@ class Acker:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
-
-
-@pytest.fixture
-def acker_factory():
-    made: list[Acker] = []
-
-    def make(broker, **kw) -> Acker:
-        a = Acker(broker.host, broker.port, **kw)
-        made.append(a)
-        return a
-
-    yield make
-    for a in made:
-        a.close()
 
 
 def start_agent(agent_process, cfg_path: Path, http_port: int):

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from edge_agent.agent.config import load_agent, parse_agent
 from edge_agent.bridge.config import load_bridge
-from edge_agent.common.config import ConfigError, HttpConfig, _SIZE_UNITS, parse_bytes
+from edge_agent.common.config import _SIZE_UNITS, ConfigError, HttpConfig, parse_bytes
 from edge_agent.common.wire import STREAMS
 from edge_agent.config_check import kind_of
 from edge_agent.vision.config import CameraConfig

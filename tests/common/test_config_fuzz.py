@@ -12,11 +12,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_testkit.brokers import wait_for
 from edge_agent.agent.config import AgentConfig
+from edge_agent.agent.liveconfig import ConfigChange, ConfigRejected, LiveConfig
 from edge_agent.cli import main as cli_main
 from edge_agent.common.envelope import Draft
-from edge_agent.agent.liveconfig import ConfigChange, ConfigRejected, LiveConfig
+from edge_testkit.processes import wait_for
 
 VALID_AGENT: dict[str, Any] = {
     "device_id": "gw-1",

@@ -5,9 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from edge_testkit.brokers import wait_for
-
 from edge_agent.common.supervised import Check, Health, SupervisedThread
+from edge_testkit.processes import wait_for
 
 
 class Body:

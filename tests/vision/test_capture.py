@@ -9,12 +9,21 @@ import time
 from pathlib import Path
 
 import cv2
-
 import pytest
-from edge_testkit.brokers import free_port, wait_for
 
-from edge_agent.vision.capture import LatestFrameReader, StreamError, credentialed_source, is_device, is_stream, iter_file_frames, jpeg_within, open_capture, parse_source
+from edge_agent.vision.capture import (
+    LatestFrameReader,
+    StreamError,
+    credentialed_source,
+    is_device,
+    is_stream,
+    iter_file_frames,
+    jpeg_within,
+    open_capture,
+    parse_source,
+)
 from edge_agent.vision.config import CameraConfig
+from edge_testkit.processes import free_port, wait_for
 
 
 class Events:

@@ -11,8 +11,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.vision.config import LineConfig, ZoneConfig
-from edge_agent.vision.count import CounterStore, LineCounter, Segment, ZoneCounter, points_in_polygon
-from edge_agent.vision.stage import CONFIRM_MARGIN, SMOOTH_FRAMES, confirm_frames
+from edge_agent.vision.count import (
+    CounterStore,
+    Crossing,
+    LineCounter,
+    RecentAnchors,
+    Segment,
+    ZoneCounter,
+    anchor_point,
+    points_in_polygon,
+)
+from edge_agent.vision.stage import (
+    CONFIRM_MARGIN,
+    SMOOTH_FRAMES,
+    StepResult,
+    StepTally,
+    confirm_frames,
+)
 
 W, H = 1000, 1000
 
@@ -191,3 +206,35 @@ def test_production_settings_ignore_a_standing_person_wobbling_on_the_line():
     path = [(400 + rng.normal(0, 2), 500 + rng.normal(0, 1.5)) for _ in range(100)]
     assert sum(1 for a, b in zip(path, path[1:]) if counter.segment.crossing(a, b)) > 30  # raw rule: dozens
     assert run_track(counter, path, end=False) == []
+
+
+# --- the shared definitions: anchors, smoothing, tallies ---------------------------------------
+
+def test_anchor_points_of_a_box_as_array_or_list() -> None:
+    box = [10.0, 20.0, 30.0, 60.0]
+    assert anchor_point(np.array(box)) == anchor_point(box) == (20.0, 60.0)
+    assert anchor_point(box, "center") == (20.0, 40.0) and anchor_point(box, "top_center") == (20.0, 20.0)
+
+
+def test_recent_anchors_average_the_last_ones_kept() -> None:
+    recent = RecentAnchors(keep=3)
+    for x in (0.0, 3.0, 6.0, 9.0):
+        recent.add((x, 2 * x))
+    assert recent.mean() == (6.0, 12.0)  # 3, 6, 9: the first fell out
+    assert recent.mean(last=2) == (7.5, 15.0) and recent.mean(last=10) == (6.0, 12.0)
+
+
+def test_a_tally_absorbs_an_earlier_one_without_losing_counts() -> None:
+    def tally(occupancy: int, crossings: int) -> StepTally:
+        t = StepTally()
+        t.add_step(StepResult([], [], {"z": occupancy}, tracking_ms=1.0), {"inference": 10.0})
+        for i in range(crossings):
+            t.add_crossing(Crossing("l", "in", "person", i, 0, 0.0))
+        return t
+
+    later, earlier = tally(occupancy=1, crossings=1), tally(occupancy=5, crossings=2)
+    later.absorb(earlier)
+    assert later.frames == 2 and later.timing_sum == {"inference": 20.0, "tracking": 2.0}
+    assert later.totals.as_dict(["l"])["l"]["in"] == 3
+    assert later.zones(["z"]) == {"z": {"avg": 3.0, "max": 5}}
+    assert StepTally().zones(["z"]) == {"z": {"avg": 0.0, "max": 0}}

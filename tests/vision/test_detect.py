@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from edge_agent.vision.config import ModelConfig
-from edge_agent.vision.detect import Detector, ModelFormatError, UnknownClassError, letterbox_blob, nms_per_class
+from edge_agent.vision.detect import (
+    Detector,
+    ModelFormatError,
+    UnknownClassError,
+    letterbox_blob,
+    nms_per_class,
+)
 from edge_agent.vision.track import iou_matrix
 
 onnx = pytest.importorskip("onnx")

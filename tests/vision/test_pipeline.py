@@ -11,17 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edge_testkit.brokers import wait_for
 from prometheus_client import REGISTRY
 
+from edge_agent.agent.worker import CameraWorker
+from edge_agent.common.envelope import Draft
 from edge_agent.vision.config import CameraConfig, LineConfig, ModelConfig, ZoneConfig
 from edge_agent.vision.count import Segment
 from edge_agent.vision.detect import Detections, Detector
-from edge_agent.common.envelope import Draft
-from edge_agent.agent.worker import CameraWorker
-from edge_agent.vision.stage import CountingStage
 from edge_agent.vision.offline import count_video
+from edge_agent.vision.stage import CountingStage
 from edge_agent.vision.track import TrackedObject
+from edge_testkit.processes import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE_AGENT = [sys.executable, "-m", "edge_agent"]

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_agent.vision.track import ByteTracker, iou_matrix, kalman_initiate, kalman_predict, xyah_to_xyxy, xyxy_to_xyah
+from edge_agent.vision.track import (
+    ByteTracker,
+    iou_matrix,
+    kalman_initiate,
+    kalman_predict,
+    xyah_to_xyxy,
+    xyxy_to_xyah,
+)
 
 
 def box(cx: float, cy: float, w: float = 30, h: float = 80) -> list[float]:

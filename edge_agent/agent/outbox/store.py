@@ -3,39 +3,41 @@
 Every envelope is written here before anything tries to send it, and leaves only when
 the bridge acknowledges end to end that Kafka has it.
 
-Layout: one diskcache ``Cache`` keyed by ``seq`` (an integer, so SQLite orders it), each
-value ``b"<stream>\\n<envelope json>"``, and the ``seq`` counter under the key ``"seq"`` in
-the same transaction, so ``seq`` is gapless and survives restarts. A single writer thread
-owns all writes: puts are grouped into one transaction per batch (group commit), so a
-``put`` returns only when its entry is durable while the fsync cost is shared.
-
-In memory we keep per stream the seqs not yet sent (FIFO) and the set of seqs in flight;
-payloads stay on disk.
+The files are laid out as ``layout`` says. A single writer thread owns all writes: puts are
+grouped into one transaction per batch (group commit), so a ``put`` returns only when its
+entry is durable while the fsync cost is shared. Which seq waits and which is in flight is
+the in-memory ``OutboxIndex``; payloads stay on disk.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import queue
 import shutil
 import sqlite3
-import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import diskcache
 from pydantic import ValidationError
 
 from edge_agent.agent.config import OutboxConfig
+from edge_agent.agent.outbox.index import OutboxIndex
+from edge_agent.agent.outbox.layout import (
+    SEQ_KEY,
+    envelope_time,
+    last_seq,
+    pack,
+    stored_entries,
+    unpack,
+)
+from edge_agent.agent.outbox.view import OutboxView
 from edge_agent.common import metrics
-from edge_agent.common.envelope import Draft, Envelope, build, encode, utc_now_iso
+from edge_agent.common.envelope import Draft, Envelope, build, encode
 from edge_agent.common.files import atomic_write
 from edge_agent.common.logs import clip
 from edge_agent.common.supervised import SupervisedThread
@@ -43,7 +45,6 @@ from edge_agent.common.wire import STREAM_PRIORITY, STREAMS, seq_ranges
 
 log = logging.getLogger(__name__)
 
-_SEQ_KEY = "seq"
 _SYNCHRONOUS = {"always": 2, "batch": 2, "never": 0}  # SQLite PRAGMA synchronous: FULL / OFF
 _SIDECAR_EVERY = 1000  # the seq high-water mark beside the outbox is refreshed this often
 _CORRUPT_SEQ_MARGIN = 2 * _SIDECAR_EVERY
@@ -121,40 +122,6 @@ class StoredEntry:
     payload: bytes  # the envelope JSON
 
 
-def _pack(stream: str, payload: bytes) -> bytes:
-    return stream.encode() + b"\n" + payload
-
-
-def _unpack(value: bytes) -> tuple[str, bytes]:
-    stream, _, payload = value.partition(b"\n")
-    return stream.decode(), payload
-
-
-def stored_entries(cache: diskcache.Cache) -> Iterator[tuple[int, str, bytes, int]]:
-    """Every entry on disk in seq order: (seq, stream, envelope JSON, stored size)."""
-    for key in cache.iterkeys():
-        if not isinstance(key, int):  # the seq counter lives beside the entries
-            continue
-        try:
-            value = cache.get(key)
-            stream, payload = _unpack(value) if value is not None else ("", b"")
-        except Exception as e:  # noqa: BLE001 - one damaged row must not hide (or stop) the rest
-            log.error("outbox entry %s is unreadable and skipped: %s", key, clip(f"{type(e).__name__}: {e}"))
-            continue
-        if value is None:
-            continue
-        yield key, stream, payload, len(value)
-
-
-def envelope_time(payload: bytes) -> float:
-    """The envelope's ``ts`` as a Unix time (0.0 when unreadable)."""
-    try:
-        ts = json.loads(payload)["ts"]
-        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-    except (ValueError, KeyError, TypeError):
-        return 0.0
-
-
 class Outbox:
     def __init__(self, cfg: OutboxConfig, device_id: str):
         build(device_id, 1, "probe", {})  # a device id the envelope refuses fails at start, not every put
@@ -163,13 +130,7 @@ class Outbox:
         self.path = Path(cfg.path)
         self.reset_report: dict | None = None  # set when a corrupt outbox was moved aside
         self._cache = self._open_or_reset()
-        self._lock = threading.Lock()  # guards the in-memory index below
-        self._unsent: dict[str, deque[int]] = {s: deque() for s in STREAMS}
-        self._inflight: dict[int, str] = {}
-        self._stream_of_pending: dict[int, str] = {}
-        self._bytes = 0
-        self._sizes: dict[int, int] = {}
-        self._count: dict[str, int] = {s: 0 for s in STREAMS}
+        self._index = OutboxIndex(STREAMS)
         self._oldest_ts: tuple[int, float] | None = None  # (seq, its envelope time), read lazily
         self._gauges_at = 0.0
         self._seq = 0
@@ -214,7 +175,7 @@ class Outbox:
             hwm = self._read_sidecar()
             if hwm:
                 first = hwm + _CORRUPT_SEQ_MARGIN
-                cache.set(_SEQ_KEY, first)
+                cache.set(SEQ_KEY, first)
                 self.reset_report["seq_skipped"] = [hwm + 1, first]
             return cache
 
@@ -238,17 +199,15 @@ class Outbox:
             log.warning("cannot write seq high-water mark: %s", e)
 
     def _rebuild_index(self) -> None:
-        self._seq = int(self._cache.get(_SEQ_KEY, 0) or 0)
+        self._seq = last_seq(self._cache)
+        known: list[tuple[int, str, int]] = []
         for key, stream, _payload, size in stored_entries(self._cache):
-            if stream not in self._unsent:
+            if not self._index.knows(stream):
                 log.warning("outbox entry %s has unknown stream %r; kept, not sent", key, stream)
                 continue
-            self._unsent[stream].append(key)
-            self._stream_of_pending[key] = stream
-            self._sizes[key] = size
-            self._count[stream] += 1
-            self._bytes += size
+            known.append((key, stream, size))
             self._seq = max(self._seq, key)
+        self._index.add(known)
         self._seq = max(self._seq, self._read_sidecar() if self.reset_report else 0, self._seq)
 
     def _emit_reset_event(self) -> None:
@@ -270,7 +229,7 @@ class Outbox:
         never reaches a group commit: the Draft carries the envelope's field rules (pydantic
         ValidationError when it was built), and its size bounds the envelope's (EnvelopeTooLarge).
         """
-        if draft.stream not in self._unsent:
+        if not self._index.knows(draft.stream):
             raise ValueError(f"unknown stream {draft.stream!r}; one of {', '.join(STREAMS)}")
         if self._closed:
             raise OutboxClosed("outbox is closed")
@@ -359,7 +318,7 @@ class Outbox:
             return
         try:
             with self._cache.transact():
-                self._cache.set(_SEQ_KEY, self._seq)
+                self._cache.set(SEQ_KEY, self._seq)
         except Exception:  # noqa: BLE001 - still failing: health keeps saying so
             return
         log.info("outbox stores again")
@@ -384,18 +343,12 @@ class Outbox:
                         results.append((item, self._store_one(item.draft, staged, overflow)))
                     except (OutboxFull, ValidationError) as e:  # this one fails alone; the others go on
                         results.append((item, e))
-                self._cache.set(_SEQ_KEY, self._seq)
+                self._cache.set(SEQ_KEY, self._seq)
         except Exception as e:  # noqa: BLE001 - any storage error: the caller decides per put
             self._seq = first_seq  # nothing of the batch is stored: its seqs are free again
             raise _StoreFailed(e) from e
         self.last_store_error = None
-        with self._lock:
-            for seq, stream, size, _ in staged:
-                self._unsent[stream].append(seq)
-                self._stream_of_pending[seq] = stream
-                self._sizes[seq] = size
-                self._count[stream] += 1
-                self._bytes += size
+        self._index.add((seq, stream, size) for seq, stream, size, _ in staged)
         if self._seq // _SIDECAR_EVERY != first_seq // _SIDECAR_EVERY:
             self._write_sidecar(self._seq)
         for item, res in results:
@@ -413,7 +366,7 @@ class Outbox:
         seq = self._seq + 1
         env = build(self.device_id, seq, draft.type, draft.data, camera_id=draft.camera_id,
                     trace_id=draft.trace_id, correlation_id=draft.correlation_id)
-        value = _pack(draft.stream, encode(env))
+        value = pack(draft.stream, encode(env))
         staged_bytes = staged[-1][3] if staged else 0
         self._make_room(len(value) + staged_bytes, overflow)
         self._cache.set(seq, value)
@@ -423,44 +376,23 @@ class Outbox:
 
     def _make_room(self, size: int, overflow: dict[str, list[int]]) -> None:
         """Drop the oldest entries of the lowest-priority stream until ``size`` fits."""
-        if self._bytes + size <= self.cfg.max_bytes:
+        index = self._index
+        if index.bytes + size <= self.cfg.max_bytes:
             return
         if self.cfg.overflow == "refuse":
-            raise OutboxFull(f"outbox full ({self._bytes} of {self.cfg.max_bytes} bytes)")
+            raise OutboxFull(f"outbox full ({index.bytes} of {self.cfg.max_bytes} bytes)")
         for stream in STREAM_PRIORITY[:-1]:  # audit.logs is never dropped
-            while self._bytes + size > self.cfg.max_bytes:
-                victim = self._oldest_of(stream)
+            while index.bytes + size > self.cfg.max_bytes:
+                victim = index.oldest_of(stream)
                 if victim is None:
                     break
                 self._cache.delete(victim)
-                with self._lock:
-                    self._drop_from_index(victim)
+                index.drop(victim)
                 overflow.setdefault(stream, []).append(victim)
                 metrics.OUTBOX_DROPPED.labels(stream=stream, reason="overflow").inc()
-            if self._bytes + size <= self.cfg.max_bytes:
+            if index.bytes + size <= self.cfg.max_bytes:
                 return
-        raise OutboxFull(f"outbox full of audit records ({self._bytes} of {self.cfg.max_bytes} bytes)")
-
-    def _oldest_of(self, stream: str) -> int | None:
-        with self._lock:
-            # In-flight entries are older than the unsent ones of their stream; the window is small.
-            candidates = [s for s, st in self._inflight.items() if st == stream]
-            if self._unsent[stream]:
-                candidates.append(self._unsent[stream][0])
-            return min(candidates) if candidates else None
-
-    def _drop_from_index(self, seq: int) -> None:
-        stream = self._stream_of_pending.pop(seq, None)
-        if stream is None:
-            return
-        if self._inflight.pop(seq, None) is None:  # not in flight: it is in the unsent queue
-            q = self._unsent[stream]
-            if q and q[0] == seq:
-                q.popleft()
-            elif seq in q:  # O(n), but only for an ack of an entry we never sent (after a restart)
-                q.remove(seq)
-        self._bytes -= self._sizes.pop(seq, 0)
-        self._count[stream] -= 1
+        raise OutboxFull(f"outbox full of audit records ({index.bytes} of {self.cfg.max_bytes} bytes)")
 
     def _maybe_report_overflow(self, final: bool = False) -> None:
         """Store one ``outbox.overflow`` event naming the dropped seq ranges, at most once a second."""
@@ -491,14 +423,7 @@ class Outbox:
         """
         if time.monotonic() < self._read_blocked_until:
             return []
-        picked: list[tuple[int, str]] = []
-        with self._lock:
-            for stream in reversed(STREAM_PRIORITY):
-                q = self._unsent[stream]
-                while q and len(picked) < limit:
-                    seq = q.popleft()
-                    self._inflight[seq] = stream
-                    picked.append((seq, stream))
+        picked = self._index.take(limit, reversed(STREAM_PRIORITY))
         out = []
         for i, (seq, stream) in enumerate(picked):
             try:
@@ -507,8 +432,7 @@ class Outbox:
                 self.requeue(s for s, _ in picked[i:])
                 break
             if entry is None:  # acked or dropped meanwhile
-                with self._lock:
-                    self._inflight.pop(seq, None)
+                self._index.settle(seq)
                 continue
             out.append(entry)
         return out
@@ -520,7 +444,7 @@ class Outbox:
         """
         try:
             value = self._cache.get(seq)
-            return None if value is None else StoredEntry(seq, *_unpack(value))
+            return None if value is None else StoredEntry(seq, *unpack(value))
         except (sqlite3.OperationalError, diskcache.Timeout, OSError) as e:
             self._read_blocked_until = time.monotonic() + _READ_RETRY_S
             log.warning("outbox read of seq %s failed, retrying in %.0f s: %s", seq, _READ_RETRY_S,
@@ -531,9 +455,7 @@ class Outbox:
             return None
 
     def _drop_unreadable(self, seq: int, error: Exception) -> None:
-        with self._lock:
-            stream = self._stream_of_pending.get(seq, "?")
-            self._drop_from_index(seq)
+        stream = self._index.drop(seq) or "?"
         metrics.OUTBOX_DROPPED.labels(stream=stream, reason="unreadable").inc()
         log.error("outbox entry %s (%s) is unreadable and dropped: %s", seq, stream,
                   clip(f"{type(error).__name__}: {error}"), extra={"seq": seq, "stream": stream})
@@ -542,26 +464,15 @@ class Outbox:
 
     def requeue_inflight(self) -> None:
         """Every in-flight entry back to the front of its stream (after a reconnect or an uplink crash)."""
-        with self._lock:
-            seqs = list(self._inflight)
-        self.requeue(seqs)
+        self.requeue(self._index.inflight())
 
     def requeue(self, seqs: Iterable[int]) -> None:
         """In-flight entries go back to the front of their stream (after a reconnect)."""
-        with self._lock:
-            for seq in sorted(seqs, reverse=True):
-                stream = self._inflight.pop(seq, None)
-                if stream is not None and seq in self._stream_of_pending:
-                    self._unsent[stream].appendleft(seq)
+        self._index.requeue(seqs)
 
     def ack(self, seqs: Iterable[int]) -> int:
         """Delete acknowledged entries; returns how many were still here."""
-        gone = []
-        with self._lock:
-            for seq in seqs:
-                if seq in self._stream_of_pending:
-                    self._drop_from_index(seq)
-                    gone.append(seq)
+        gone = self._index.drop_known(seqs)
         if gone:
             self._deletes.put(gone)
             self._queue.put(_WAKE)  # wake the writer so deletes do not wait for the next put
@@ -586,22 +497,16 @@ class Outbox:
     # --- state ------------------------------------------------------------------------
 
     def depth(self) -> int:
-        with self._lock:
-            return len(self._stream_of_pending)
+        return self._index.depth()
 
     def unsent_count(self) -> int:
-        with self._lock:
-            return sum(len(q) for q in self._unsent.values())
+        return self._index.unsent_count()
 
     def _oldest_age_s(self) -> float:
         """Age of the oldest entry, from its envelope's ``ts`` (so it survives restarts)."""
-        with self._lock:
-            heads = [q[0] for q in self._unsent.values() if q]
-            if self._inflight:
-                heads.append(min(self._inflight))
-        if not heads:
+        oldest = self._index.oldest_seq()
+        if oldest is None:
             return 0.0
-        oldest = min(heads)
         if self._oldest_ts is None or self._oldest_ts[0] != oldest:
             try:
                 entry = self.get(oldest)
@@ -614,11 +519,11 @@ class Outbox:
 
     def stats(self) -> dict:
         age = self._oldest_age_s()
-        with self._lock:
-            return {"depth": len(self._stream_of_pending), "bytes": self._bytes,
-                    "max_bytes": self.cfg.max_bytes, "inflight": len(self._inflight),
-                    "oldest_age_s": age, "next_seq": self._seq + 1, "by_stream": dict(self._count),
-                    "last_store_error": str(self.last_store_error) if self.last_store_error else None}
+        index = self._index.stats()
+        return {"depth": index.depth, "bytes": index.bytes,
+                "max_bytes": self.cfg.max_bytes, "inflight": index.inflight,
+                "oldest_age_s": age, "next_seq": self._seq + 1, "by_stream": index.by_stream,
+                "last_store_error": str(self.last_store_error) if self.last_store_error else None}
 
     def _refresh_gauges(self, force: bool = False) -> None:
         # At thousands of acks a second the gauges need not follow every one.
@@ -626,11 +531,10 @@ class Outbox:
         if not force and now - self._gauges_at < 0.2:
             return
         self._gauges_at = now
-        with self._lock:
-            counts, size = dict(self._count), self._bytes
-        for stream, n in counts.items():
+        index = self._index.stats()
+        for stream, n in index.by_stream.items():
             metrics.OUTBOX_DEPTH.labels(stream=stream).set(n)
-        metrics.OUTBOX_BYTES.set(size)
+        metrics.OUTBOX_BYTES.set(index.bytes)
 
     def close(self) -> None:
         if self._closed:
@@ -649,36 +553,3 @@ class Outbox:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-class OutboxView:
-    """A read-only look at an outbox on disk (``edge-agent outbox``), safe beside a running agent."""
-
-    def __init__(self, cfg: OutboxConfig):
-        self.cfg = cfg
-        self._cache = diskcache.Cache(str(cfg.path), eviction_policy="none", cull_limit=0, size_limit=2**62)
-
-    def stats(self) -> dict:
-        by_stream = {s: {"depth": 0, "bytes": 0} for s in STREAMS}
-        oldest_seq: int | None = None
-        oldest_time = 0.0
-        for key, stream, payload, size in stored_entries(self._cache):
-            slot = by_stream.setdefault(stream, {"depth": 0, "bytes": 0})
-            slot["depth"] += 1
-            slot["bytes"] += size
-            if oldest_seq is None or key < oldest_seq:
-                oldest_seq, oldest_time = key, envelope_time(payload)
-        age = round(max(0.0, time.time() - oldest_time), 3) if oldest_seq is not None else 0.0
-        return {"path": str(self.cfg.path), "depth": sum(v["depth"] for v in by_stream.values()),
-                "bytes": sum(v["bytes"] for v in by_stream.values()), "max_bytes": self.cfg.max_bytes,
-                "oldest_age_s": age, "oldest_seq": oldest_seq,
-                "last_seq": int(self._cache.get(_SEQ_KEY, 0) or 0), "by_stream": by_stream,
-                "now": utc_now_iso()}
-
-    def close(self) -> None:
-        self._cache.close()
-
-    def __enter__(self) -> "OutboxView":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
