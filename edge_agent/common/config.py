@@ -10,7 +10,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -112,15 +112,33 @@ def _loc_part(part: str | int) -> str:
     return json.dumps(part[:64] + ("…" if len(part) > 64 else ""))
 
 
-def problem_lines(err: ValidationError) -> list[str]:
+class HasErrors(Protocol):
+    """pydantic's ValidationError, or an error that carries its errors() (FastAPI's request errors)."""
+
+    def errors(self) -> Any: ...
+
+
+def problem_lines(err: HasErrors, *, root: str = "(file)") -> list[str]:
+    """One "path: message" line per problem; ``root`` names the whole document (a file, a body...)."""
     lines = []
     for e in err.errors():
-        path = ".".join(_loc_part(p) for p in e["loc"]) or "(file)"
+        path = ".".join(_loc_part(p) for p in e["loc"]) or root
         msg = " ".join(e["msg"].split())
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"{path}: {msg}")
     return lines
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def parse_config(model: type[ModelT], data: dict[str, Any]) -> ModelT:
+    """A config document validated as ``model``; ConfigError names every problem by its field path."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(problem_lines(e)) from e
 
 
 def parse_yaml_mapping(raw: bytes | str) -> dict[str, Any]:
