@@ -1,13 +1,40 @@
-"""The ``edge-agent`` console script: one subcommand per DESIGN command."""
+"""The ``edge-agent`` console script: one subcommand per DESIGN command.
+
+Thin dispatch: each command imports its side lazily, after checking that the side's pip extra
+is installed, so a bridge host without OpenCV (or a camera host without a Kafka client) gets
+one line saying what to install instead of a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
 from edge_agent.common.config import ConfigError
+
+# Top-level modules of each extra in pyproject.toml (import names, not distribution names).
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "agent": ("numpy", "cv2", "onnxruntime", "lap", "diskcache", "watchdog", "json_merge_patch"),
+    "bridge": ("confluent_kafka", "fastapi", "uvicorn"),
+}
+VISION_MODULES = ("numpy", "cv2", "onnxruntime", "lap")
+
+
+def missing_modules(names: tuple[str, ...]) -> list[str]:
+    """The modules of ``names`` that cannot be imported here (found without importing them)."""
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def require_extra(extra: str, command: str, modules: tuple[str, ...] | None = None) -> None:
+    """Exit 2 with the pip line to run when ``command`` lacks a module of its extra."""
+    missing = missing_modules(modules if modules is not None else EXTRA_MODULES[extra])
+    if missing:
+        print(f"edge-agent {command}: missing {', '.join(missing)}; install the {extra} extra: "
+              f"pip install 'edge-agent[{extra}]'", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -32,18 +59,21 @@ def _load_or_exit(loader, path: str):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    require_extra("agent", "run")
     from edge_agent.agent.daemon import run_agent
 
     return run_agent(Path(args.config))
 
 
 def _cmd_bridge(args: argparse.Namespace) -> int:
+    require_extra("bridge", "bridge")
     from edge_agent.bridge.daemon import run_bridge
 
     return run_bridge(Path(args.config))
 
 
 def _cmd_outbox(args: argparse.Namespace) -> int:
+    require_extra("agent", "outbox", ("diskcache",))
     from edge_agent.agent.config import load_agent
     from edge_agent.agent.outbox import Outbox
 
@@ -54,6 +84,7 @@ def _cmd_outbox(args: argparse.Namespace) -> int:
 
 
 def _cmd_count(args: argparse.Namespace) -> int:
+    require_extra("agent", "count", VISION_MODULES)
     from edge_agent.vision.offline import count_command
 
     return count_command(args)

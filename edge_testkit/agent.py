@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from edge_testkit.brokers import free_port, wait_for
+from edge_testkit.processes import free_port, wait_for
 
 DEVICE = "gw-1"
 
@@ -38,7 +38,7 @@ def write_agent_config(tmp_path: Path, broker, **overrides) -> tuple[Path, int]:
 
 class AgentApi:
     def __init__(self, port: int):
-        # One pooled client: a new httpx client per call builds an SSL context, ~30 ms of CPU each.
+        # One pooled client: a new httpx client per call builds an SSL context, which costs CPU each time.
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
                                  limits=httpx.Limits(max_connections=32))
 

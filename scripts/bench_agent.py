@@ -24,10 +24,14 @@ import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the test harness starts a private Mosquitto
-
-from edge_testkit.brokers import AgentProcess, free_port, process_cpu_seconds, shared_dir, start_mosquitto, wait_for  # noqa: E402
+from edge_testkit.mqtt import start_mosquitto
+from edge_testkit.processes import (
+    AgentProcess,
+    free_port,
+    process_cpu_seconds,
+    shared_dir,
+    wait_for,
+)
 
 RSS_LIMIT_MB = 250.0
 

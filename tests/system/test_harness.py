@@ -14,10 +14,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from edge_testkit.brokers import AgentProcess, TopicRecorder, client_config, consume_all, create_topics, free_port, read_topic, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_testkit.kafka import client_config, create_topics
+from edge_testkit.processes import AgentProcess, free_port, wait_for
+from edge_testkit.records import TopicRecorder, consume_all, read_topic
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
@@ -281,7 +284,8 @@ def test_a_dead_session_broker_is_revived_before_the_next_test(tmp_path: Path) -
         "def test_kills_it(kafka):\n"
         "    kafka.kill()\n"
         "def test_still_has_kafka(kafka):\n"
-        "    from edge_testkit.brokers import create_topics, consume_all\n"
+        "    from edge_testkit.kafka import create_topics\n"
+        "    from edge_testkit.records import consume_all\n"
         "    from confluent_kafka import Producer\n"
         "    create_topics(kafka, ['after'])\n"
         "    p = Producer(kafka.client_config()); p.produce('after', b'x'); assert p.flush(20) == 0\n"
@@ -413,7 +417,7 @@ def test_brokers_die_with_a_killed_test_process(tmp_path: Path) -> None:
     """A pytest killed by `timeout` runs no finalizers; its brokers must not outlive it."""
     script = (
         "import sys, time; from pathlib import Path;"
-        "from edge_testkit.brokers import start_mosquitto;"
+        "from edge_testkit.mqtt import start_mosquitto;"
         "b = start_mosquitto(Path(sys.argv[2])); print(b.process.pid, flush=True); time.sleep(300)"
     )
     holder = subprocess.Popen([sys.executable, "-c", script, str(REPO / "tests"), str(tmp_path / "m")],

@@ -18,7 +18,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_testkit.brokers import MOSQUITTO_BIN, ManagedProcess, Pki, free_port, wait_for
+from edge_testkit.mqtt import MOSQUITTO_BIN
+from edge_testkit.processes import ManagedProcess, free_port, wait_for
+from edge_testkit.tls import Pki
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "mosquitto"
 USERS = {"gw-1": "pw-gw-1", "gw-2": "pw-gw-2", "bridge": "pw-bridge", "operator": "pw-operator"}

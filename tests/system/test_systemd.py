@@ -88,36 +88,66 @@ def test_agent_unit_can_rewrite_its_config_and_read_cameras() -> None:
     assert "-HUP" in svc["ExecReload"]
 
 
-@pytest.mark.timeout(300)
-def test_install_script_stages_venv_units_and_keeps_existing_configs(tmp_path: Path) -> None:
-    root = tmp_path / "root"
+def _install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """install.sh staged into ``root`` (DESTDIR), without dependencies (the project package only)."""
     env = {**os.environ, "DESTDIR": str(root), "PREFIX": "/opt/edge-test", "PIP_ARGS": "--no-deps",
            "PYTHON": sys.executable}
-    run = lambda: subprocess.run(["bash", str(REPO / "scripts" / "install.sh")], env=env, capture_output=True,
-                                 text=True, timeout=280)
-    first = run()
+    return subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), *args], env=env, capture_output=True,
+                          text=True, timeout=280)
+
+
+@pytest.mark.timeout(300)
+def test_install_script_stages_the_agent_role_and_keeps_existing_configs(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    first = _install(root, "--role", "agent")
     assert first.returncode == 0, first.stderr
+    assert "installing edge-agent[agent]" in first.stdout  # the camera side's extra, not the bridge's
     assert (root / "opt/edge-test/venv/bin/edge-agent").exists()
     unit = (root / "etc/systemd/system/edge-agent.service").read_text()
     assert "ExecStart=/opt/edge-test/venv/bin/edge-agent run -c /etc/edge-agent/agent.yaml" in unit
     assert oct((root / "etc/edge-agent/agent.env").stat().st_mode & 0o777) == "0o600"
-    # The example config is a valid config, once its secrets exist.
+    # Only this role's unit and config on a camera host.
+    assert not (root / "etc/systemd/system/edge-bridge.service").exists()
+    assert not (root / "etc/edge-bridge").exists()
     check = subprocess.run([str(root / "opt/edge-test/venv/bin/python"), "-c", "import edge_agent"],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stderr
     # An operator's config survives a re-install (upgrade).
     (root / "etc/edge-agent/agent.yaml").write_text("device_id: mine\n")
-    second = run()
+    second = _install(root, "--role", "agent")
     assert second.returncode == 0, second.stderr
     assert (root / "etc/edge-agent/agent.yaml").read_text() == "device_id: mine\n"
     assert "keeping existing" in second.stdout
 
 
-def test_install_script_refuses_bad_arguments_clearly(tmp_path: Path) -> None:
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), "--model", str(tmp_path / "none.onnx")],
+@pytest.mark.timeout(300)
+def test_install_script_stages_the_bridge_role_only(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    run = _install(root, "--role", "bridge")
+    assert run.returncode == 0, run.stderr
+    assert "installing edge-agent[bridge]" in run.stdout
+    unit = (root / "etc/systemd/system/edge-bridge.service").read_text()
+    assert "ExecStart=/opt/edge-test/venv/bin/edge-agent bridge -c /etc/edge-bridge/bridge.yaml" in unit
+    assert oct((root / "etc/edge-bridge/bridge.env").stat().st_mode & 0o777) == "0o600"
+    assert (root / "etc/edge-bridge/bridge.yaml").exists()
+    # No camera-host pieces on a bridge host: no agent unit, config or model directory.
+    assert not (root / "etc/systemd/system/edge-agent.service").exists()
+    assert not (root / "etc/edge-agent").exists() and not (root / "opt/edge-test/models").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--role", "agent", "--model", "none.onnx"], "model not found"),
+    ([], "--role agent (camera) or --role bridge"),
+    (["--role", "camera"], "--role takes agent or bridge"),
+    (["--role", "bridge", "--model", "none.onnx"], "--model is for --role agent"),
+    (["--enable", "agent"], "unknown argument: agent"),
+])
+def test_install_script_refuses_bad_arguments_clearly(tmp_path: Path, args: list[str], message: str) -> None:
+    args = [str(tmp_path / a) if a.endswith(".onnx") else a for a in args]
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), *args],
                           env={**os.environ, "DESTDIR": str(tmp_path / "r")}, capture_output=True, text=True,
                           timeout=60)
-    assert proc.returncode != 0 and "model not found" in proc.stderr
+    assert proc.returncode != 0 and message in proc.stderr
     assert not (tmp_path / "r").exists()  # nothing half-installed
 
 
@@ -138,8 +168,9 @@ def test_bridge_speaks_the_notify_protocol_the_unit_expects(tmp_path: Path, mqtt
     import signal
 
     import yaml
-    from edge_testkit.brokers import free_port, wait_for
+
     from edge_testkit.agent import NotifySocket
+    from edge_testkit.processes import free_port, wait_for
 
     notify = NotifySocket(tmp_path / "notify.sock")
     cfg = {"mqtt": {"host": mqtt_broker.host, "port": mqtt_broker.port, "client_id": "bridge-notify-test"},
