@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 from confluent_kafka import Producer
 
+from edge_agent.common.envelope import build, encode
 from edge_agent.common.wire import DLQ_ATTEMPTS, DLQ_REASON, DLQ_SOURCE_TOPIC
 from edge_testkit.processes import free_port
 
@@ -56,9 +57,12 @@ def publish_once(http: httpx.Client, token: str, i: int) -> float:
 
 
 def seed_dead_letters(bootstrap: str, n: int) -> None:
+    """Letters as the bridge writes them after exhausted retries: a valid envelope with its dlq-* headers
+    (DLQ retry re-publishes nothing else)."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     for i in range(n):
-        producer.produce(demo.DLQ, value=json.dumps({"i": i}).encode(), headers=[
+        value = encode(build("gw-bench", i + 1, "bench.letter", {"i": i}))
+        producer.produce(demo.DLQ, value=value, headers=[
             (DLQ_REASON, b"retries_exhausted"), (DLQ_SOURCE_TOPIC, b"notifications"), (DLQ_ATTEMPTS, b"5")])
         producer.poll(0)
     if producer.flush(30):
