@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol
 
 from edge_agent.common.backoff import backoff_delay
 from edge_agent.common.envelope import Draft
+from edge_agent.common.supervised import record_crash
 from edge_agent.vision.config import CameraConfig
 
 log = logging.getLogger(__name__)
@@ -228,14 +229,12 @@ class CameraSupervisor:
 
     def _died(self, slot: _Slot, now: float) -> None:
         """The worker's thread ended on its own: rebuild it, unless that keeps happening."""
-        slot.deaths.append(now)
-        while slot.deaths and slot.deaths[0] < now - self._death_window_s:
-            slot.deaths.popleft()
+        deaths = record_crash(slot.deaths, now, self._death_window_s)
         self._failed(slot, "camera worker thread died")
-        if len(slot.deaths) > self._max_deaths:
+        if deaths > self._max_deaths:
             slot.dead = True
             log.critical("camera %s: worker died %d times in %.0f s; giving up, the process reports unhealthy",
-                         slot.camera.id, len(slot.deaths), self._death_window_s,
+                         slot.camera.id, deaths, self._death_window_s,
                          extra={"camera_id": slot.camera.id})
 
     def _failed(self, slot: _Slot, reason: str) -> None:

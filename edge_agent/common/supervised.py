@@ -17,9 +17,19 @@ import traceback
 from collections import deque
 from typing import Any, Callable, Literal, Protocol
 
+from edge_agent.common.backoff import backoff_delay
+
 log = logging.getLogger(__name__)
 
 State = Literal["new", "running", "restarting", "dead", "stopped"]
+
+
+def record_crash(times: deque[float], now: float, window_s: float) -> int:
+    """Add a crash at ``now`` to ``times``, forget those older than ``window_s``; how many remain."""
+    times.append(now)
+    while times and times[0] < now - window_s:
+        times.popleft()
+    return len(times)
 
 
 class Part(Protocol):
@@ -107,17 +117,13 @@ class SupervisedThread:
         if self._stop.is_set():
             self.state = "stopped"
             return False
-        now = self._clock()
-        self._crashes.append(now)
-        while self._crashes and self._crashes[0] < now - self._window_s:
-            self._crashes.popleft()
-        if len(self._crashes) > self._max_restarts:
+        if record_crash(self._crashes, self._clock(), self._window_s) > self._max_restarts:
             self.state = "dead"
             log.critical("thread %s crashed %d times in %.0f s: giving up, the process reports unhealthy",
                          self.name, len(self._crashes), self._window_s)
             return False
         self.state = "restarting"
-        delay = min(self._backoff_min_s * 2 ** (len(self._crashes) - 1), self._backoff_max_s)
+        delay = backoff_delay(len(self._crashes), self._backoff_min_s, self._backoff_max_s)
         if self._stop.wait(delay):
             self.state = "stopped"
             return False
