@@ -258,7 +258,7 @@ _data = st.recursive(st.none() | st.integers() | st.floats(allow_nan=False, allo
 @given(data=st.dictionaries(_texts, _data, max_size=6), type_=st.text(min_size=1, max_size=128),
        camera=st.none() | st.text(max_size=128), correlation=st.none() | _texts)
 def test_whatever_the_outbox_accepts_fits_the_bridge_limit(outbox_4k, data, type_, camera, correlation):
-    """The size check is an upper bound of the stored envelope, and a tight one."""
+    """The writer measures the envelope it stores: what it accepts fits, what it refuses is (about) over."""
     draft = Draft(stream="notifications", type=type_, data=data, camera_id=camera, correlation_id=correlation)
     exact = len(encode(build("gw-1", 10**18, type_, data, camera_id=camera, correlation_id=correlation)))
     try:

@@ -49,9 +49,6 @@ _SYNCHRONOUS = {"always": 2, "batch": 2, "never": 0}  # SQLite PRAGMA synchronou
 _SIDECAR_EVERY = 1000  # the seq high-water mark beside the outbox is refreshed this often
 _CORRUPT_SEQ_MARGIN = 2 * _SIDECAR_EVERY
 _OVERFLOW_REPORT_EVERY_S = 1.0  # overflow reports are coalesced: they take room themselves
-# What an envelope adds to the JSON of its Draft, at most: "v", "id" (36), "seq" (19 digits),
-# "ts" (24), a generated trace id, and the keys of "device_id" (its value is added separately).
-_ENVELOPE_OVERHEAD = 200
 _READ_RETRY_S = 1.0  # after a transient read error (locked, I/O) the uplink gets nothing this long
 
 
@@ -225,26 +222,17 @@ class Outbox:
     def put(self, draft: Draft, timeout: float | None = 30.0) -> Envelope:
         """Store one entry; returns once it is durable (per the fsync policy).
 
-        The entry is checked here, in the caller's thread, so that a bad one fails alone and
-        never reaches a group commit: the Draft carries the envelope's field rules (pydantic
-        ValidationError when it was built), and its size bounds the envelope's (EnvelopeTooLarge).
+        A bad entry fails alone: the Draft carries the envelope's field rules (pydantic
+        ValidationError when it was built), and the writer measures the envelope it encodes and
+        refuses one over ``max_message_bytes`` (EnvelopeTooLarge) without failing its batch.
         """
         if not self._index.knows(draft.stream):
             raise ValueError(f"unknown stream {draft.stream!r}; one of {', '.join(STREAMS)}")
         if self._closed:
             raise OutboxClosed("outbox is closed")
-        self._check_size(draft)
         item = _Put(draft)
         self._queue.put(item)
         return item.future.result(timeout=timeout)
-
-    def _check_size(self, draft: Draft) -> None:
-        # An upper bound, not the envelope itself: building it here (ids, time, validation) would
-        # slow the producers enough that the writer's group commits shrink.
-        size = len(draft.model_dump_json()) + len(self.device_id) + _ENVELOPE_OVERHEAD
-        if size > self.cfg.max_message_bytes:
-            raise EnvelopeTooLarge(f"the envelope would be over max_message_bytes {self.cfg.max_message_bytes} "
-                                   f"(about {size} bytes)")
 
     # --- the writer thread ------------------------------------------------------------
 
@@ -341,7 +329,7 @@ class Outbox:
                 for item in batch:
                     try:
                         results.append((item, self._store_one(item.draft, staged, overflow)))
-                    except (OutboxFull, ValidationError) as e:  # this one fails alone; the others go on
+                    except (OutboxFull, EnvelopeTooLarge, ValidationError) as e:  # fails alone; the others go on
                         results.append((item, e))
                 self._cache.set(SEQ_KEY, self._seq)
         except Exception as e:  # noqa: BLE001 - any storage error: the caller decides per put
@@ -364,15 +352,24 @@ class Outbox:
     def _store_one(self, draft: Draft, staged: list[tuple[int, str, int, int]],
                    overflow: dict[str, list[int]]) -> Envelope:
         seq = self._seq + 1
-        env = build(self.device_id, seq, draft.type, draft.data, camera_id=draft.camera_id,
-                    trace_id=draft.trace_id, correlation_id=draft.correlation_id)
-        value = pack(draft.stream, encode(env))
+        env, encoded = self._envelope(draft, seq)
+        value = pack(draft.stream, encoded)
         staged_bytes = staged[-1][3] if staged else 0
         self._make_room(len(value) + staged_bytes, overflow)
         self._cache.set(seq, value)
         self._seq = seq
         staged.append((seq, draft.stream, len(value), staged_bytes + len(value)))
         return env
+
+    def _envelope(self, draft: Draft, seq: int) -> tuple[Envelope, bytes]:
+        """The envelope of ``draft`` at ``seq`` and its JSON; EnvelopeTooLarge when the bridge would refuse it."""
+        env = build(self.device_id, seq, draft.type, draft.data, camera_id=draft.camera_id,
+                    trace_id=draft.trace_id, correlation_id=draft.correlation_id)
+        encoded = encode(env)
+        if len(encoded) > self.cfg.max_message_bytes:
+            raise EnvelopeTooLarge(f"the envelope is {len(encoded)} bytes, over max_message_bytes "
+                                   f"{self.cfg.max_message_bytes}")
+        return env, encoded
 
     def _make_room(self, size: int, overflow: dict[str, list[int]]) -> None:
         """Drop the oldest entries of the lowest-priority stream until ``size`` fits."""
@@ -406,7 +403,7 @@ class Outbox:
         log.warning("outbox overflow: dropped %d entries %s", data["count"], clip(data["dropped"], 2000))
         report = Draft(stream="camera.events", type="outbox.overflow", data=data)
         try:
-            self._check_size(report)
+            self._envelope(report, self._seq + 1)
         except EnvelopeTooLarge:  # too many scattered ranges for one envelope: their span and count
             data["dropped"] = {s: [[min(seqs), max(seqs)]] for s, seqs in pending.items()}
             report = Draft(stream="camera.events", type="outbox.overflow", data={**data, "ranges_truncated": True})
