@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,9 +39,17 @@ def require_extra(extra: str, command: str, modules: tuple[str, ...] | None = No
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from edge_agent.common.envfile import read_env_file
     from edge_agent.config_check import check_file
 
-    kind, problems = check_file(Path(args.config))
+    env = dict(os.environ)
+    for env_file in args.env_file:
+        try:
+            env.update(read_env_file(Path(env_file)))  # as systemd: the file's values win
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"--env-file: cannot read {env_file}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            return 2
+    kind, problems = check_file(Path(args.config), env=env, files=not args.skip_files)
     if problems:
         for line in problems:
             print(line, file=sys.stderr)
@@ -102,8 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--config", required=True)
     s.set_defaults(func=_cmd_bridge)
 
-    s = sub.add_parser("check-config", help="validate an agent or bridge config file")
-    s.add_argument("-c", "--config", required=True)
+    s = sub.add_parser("check-config", help="validate an agent or bridge config file",
+                       description="Validate an agent or bridge config file as the daemon would read it on "
+                                   "this host: exit 0, or 2 with one 'path: problem' line per problem.")
+    s.add_argument("-c", "--config", required=True, help="the YAML file (agent or bridge: told apart by its keys)")
+    s.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                   help="a systemd EnvironmentFile (KEY=VALUE lines) the service gets, e.g. "
+                        "/etc/edge-agent/agent.env: its variables count as set for the *_env keys")
+    s.add_argument("--skip-files", action="store_true",
+                   help="do not check the files the config names (model, TLS certificates and keys): "
+                        "for a config checked away from the host it is meant for")
     s.set_defaults(func=_cmd_check_config)
 
     s = sub.add_parser("outbox", help="show the outbox: depth, bytes, oldest entry age, per stream")

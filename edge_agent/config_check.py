@@ -1,7 +1,13 @@
-"""check-config: tells an agent file from a bridge file and validates it."""
+"""check-config: tells an agent file from a bridge file and validates it.
+
+Beyond the config models (which ``run`` and a remote ``set_config`` apply too), it checks what
+the daemons would meet later on this host: the ``*_env`` secrets (from the environment, or from
+the unit's EnvironmentFile with ``--env-file``) and the files the config names (model, TLS).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,8 +23,12 @@ def kind_of(data: dict[str, Any]) -> Literal["agent", "bridge"]:
     return "agent"
 
 
-def check_file(path: Path) -> tuple[str, list[str]]:
-    """Validate a config file of either kind: (kind, problem lines)."""
+def check_file(path: Path, *, env: Mapping[str, str] | None = None, files: bool = True) -> tuple[str, list[str]]:
+    """Validate a config file of either kind: (kind, problem lines).
+
+    ``env``: the environment the daemon will have (default: this process's). ``files=False`` skips
+    the files the config names, for a config checked away from the host it is meant for.
+    """
     try:
         data = read_yaml(path)
     except ConfigError as e:
@@ -28,4 +38,4 @@ def check_file(path: Path) -> tuple[str, list[str]]:
         cfg = parse_bridge(data) if kind == "bridge" else parse_agent(data)
     except ConfigError as e:
         return kind, e.problems
-    return kind, missing_secrets(cfg)
+    return kind, missing_secrets(cfg, env) + (cfg.file_problems() if files else [])

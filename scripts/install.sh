@@ -87,7 +87,7 @@ put_example() {  # src dst mode
 }
 if has_role agent; then
   install -d -m 0770 "$ROOT/etc/edge-agent"
-  put_example "$SRC/systemd/agent.yaml.example" "$ROOT/etc/edge-agent/agent.yaml" 0660
+  put_example "$SRC/examples/agent.yaml" "$ROOT/etc/edge-agent/agent.yaml" 0660
   put_example "$SRC/systemd/agent.env.example" "$ROOT/etc/edge-agent/agent.env" 0600
 fi
 if has_role bridge; then

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from edge_agent.common.config import (
     HttpConfig,
@@ -17,7 +18,7 @@ from edge_agent.common.config import (
     read_yaml,
 )
 from edge_agent.common.envelope import MAX_MESSAGE_BYTES
-from edge_agent.vision.config import CameraConfig, ModelConfig
+from edge_agent.vision.config import CameraConfig, LineConfig, ModelConfig, ZoneConfig, unknown_classes
 
 
 class AgentMqttConfig(MqttConfig):
@@ -76,6 +77,43 @@ class AgentConfig(Strict):
         if dup:
             raise ValueError(f"camera ids must be unique: {', '.join(dup)}")
         return self
+
+    @model_validator(mode="after")
+    def _lines_and_zones_count_what_the_model_keeps(self) -> "AgentConfig":
+        """A line or zone class the detector drops would never be counted (and an unknown one stops
+        the camera): refused here, each at its own path."""
+        errors = [InitErrorDetails(type=PydanticCustomError("class_not_counted", problem),
+                                   loc=("cameras", i, kind, j, "classes"), input=item.classes)
+                  for i, camera in enumerate(self.cameras)
+                  for kind, items in (("lines", camera.lines), ("zones", camera.zones))
+                  for j, item in enumerate(items)
+                  if (problem := self._class_problem(item))]
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
+
+    def _class_problem(self, item: LineConfig | ZoneConfig) -> str | None:
+        if not item.classes:
+            return None
+        names = self.model.class_names()
+        unknown = unknown_classes(item.classes, names) if names is not None else None
+        if unknown:
+            return unknown
+        dropped = [c for c in item.classes if self.model.classes and c not in self.model.classes]
+        if not dropped:
+            return None
+        kept = f"model.classes [{', '.join(self.model.classes)}]"
+        if len(dropped) == 1:
+            return f"class {dropped[0]!r} is not in {kept}: the detector drops it, so it is never counted"
+        return (f"classes {', '.join(repr(c) for c in dropped)} are not in {kept}: the detector drops them, "
+                "so they are never counted")
+
+    def file_problems(self) -> list[str]:
+        """Files this config names that the agent could not read (check-config; ``run`` meets them later)."""
+        problems = self.mqtt.tls.file_problems("mqtt.tls") if self.mqtt.tls else []
+        if self.cameras:  # the model is loaded for the first camera; a relay-only agent needs none
+            problems += self.model.file_problems("model")
+        return problems
 
     @property
     def state_path(self) -> Path:

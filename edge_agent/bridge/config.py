@@ -64,7 +64,7 @@ class TokenConfig(Strict):
 
 
 class BridgeHttpConfig(HttpConfig):
-    listen: str = Field("127.0.0.1:8080", pattern=r"^.+:\d{1,5}$")
+    listen: str = "127.0.0.1:8080"  # checked by HttpConfig's validator
     tokens: list[TokenConfig] = []
     device_id: str | None = None  # envelope device_id of API publishes; default: mqtt.client_id
     docs: bool = False  # serve /docs, /redoc and /openapi.json (off: they map the API for anyone)
@@ -87,6 +87,11 @@ class BridgeConfig(Strict):
     log: LogConfig = LogConfig()
 
     _parse_size = field_validator("max_message_bytes", mode="before")(lambda cls, v: parse_bytes(v))
+
+    def file_problems(self) -> list[str]:
+        """TLS files this config names that the bridge could not read (check-config)."""
+        problems = self.mqtt.tls.file_problems("mqtt.tls") if self.mqtt.tls else []
+        return problems + (self.kafka.ssl.file_problems("kafka.ssl") if self.kafka.ssl else [])
 
 
 def parse_bridge(data: dict[str, Any]) -> BridgeConfig:

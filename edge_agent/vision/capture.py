@@ -23,11 +23,10 @@ import numpy as np
 from edge_agent.common.backoff import Backoff
 from edge_agent.common.config import env_secret
 from edge_agent.common.logs import mask_userinfo
-from edge_agent.vision.config import CameraConfig
+from edge_agent.vision.config import STREAM_SCHEMES, CameraConfig
 
 log = logging.getLogger(__name__)
 
-STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp")
 EventSink = Callable[[str, dict], None]
 
 

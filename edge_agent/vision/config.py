@@ -1,16 +1,42 @@
-"""What the vision side is configured with: the model, and per camera its lines and zones."""
+"""What the vision side is configured with: the model, and per camera its lines and zones.
+
+What would fail at run time, and forever, is refused here, so that ``run``, a remote
+``set_config`` and ``check-config`` refuse it alike: class names the model does not report,
+and camera sources nothing can open.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from edge_agent.common.config import Strict
+from edge_agent.common.config import Strict, closest, did_you_mean
+from edge_agent.vision.onnx_file import COCO_CLASSES, file_class_names, model_file_problem
 
 Point = tuple[Annotated[float, Field(ge=0.0, le=1.0)], Annotated[float, Field(ge=0.0, le=1.0)]]
+
+# What capture.py opens as a stream (OpenCV's FFmpeg backend); ``file://`` is a local file.
+STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp")
+SOURCE_SCHEMES = (*STREAM_SCHEMES, "file")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters at least: C:\ is a drive, not a scheme
+
+
+def unknown_classes(wanted: Sequence[str], names: Sequence[str]) -> str | None:
+    """``unknown class 'persn'; did you mean person?`` for the classes of ``wanted`` not in ``names``."""
+    unknown = [c for c in wanted if c not in names]
+    if not unknown:
+        return None
+    if len(unknown) == 1:
+        return f"unknown class {unknown[0]!r}" + did_you_mean(unknown[0], names)
+    hints = {c: closest(c, names) for c in unknown}
+    return "unknown classes " + ", ".join(f"{c!r}" + (f" (did you mean {hints[c]}?)" if hints[c] else "")
+                                          for c in unknown)
 
 
 class ModelConfig(Strict):
@@ -22,6 +48,34 @@ class ModelConfig(Strict):
     nms_iou: float = Field(0.45, gt=0, le=1)
     classes: list[str] = ["person"]
     providers: list[str] = ["CPUExecutionProvider"]
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_the_model_reports(cls, classes: list[str], info: ValidationInfo) -> list[str]:
+        path, fmt = info.data.get("path"), info.data.get("format")
+        names = known_class_names(path, fmt) if path is not None and fmt is not None else None
+        problem = unknown_classes(classes, names) if names is not None else None
+        if problem:  # a custom error: pydantic would prefix a ValueError's text with "Value error, "
+            raise PydanticCustomError("unknown_class", problem)
+        return classes
+
+    def class_names(self) -> tuple[str, ...] | None:
+        """Every class the model reports (None: unknown, the file cannot be read)."""
+        return known_class_names(self.path, self.format)
+
+    def file_problems(self, where: str) -> list[str]:
+        """``<where>.path: ...`` when the model file is missing, unreadable or not ONNX."""
+        problem = model_file_problem(self.path)
+        return [f"{where}.path: {problem}"] if problem else []
+
+
+def known_class_names(path: Path, fmt: str) -> tuple[str, ...] | None:
+    """The classes a model reports: from its file; a YOLOX model whose file is not here (a config
+    checked away from its host) is a COCO one, as the detector assumes; otherwise unknown (None)."""
+    names = file_class_names(path)
+    if names is None and fmt == "yolox":
+        return COCO_CLASSES
+    return names
 
 
 class LineConfig(Strict):
@@ -60,6 +114,21 @@ class CameraConfig(Strict):
     password_env: str | None = None
     lines: list[LineConfig] = []
     zones: list[ZoneConfig] = []
+
+    @field_validator("source")
+    @classmethod
+    def _a_source_capture_opens(cls, source: str) -> str:
+        m = _SCHEME.match(source.strip())
+        if m is None:
+            return source  # a device index, /dev/videoN or a file path
+        scheme = m.group(1).lower()
+        if scheme not in SOURCE_SCHEMES:
+            raise PydanticCustomError("unknown_scheme", f"unknown scheme {m.group(1)!r}"
+                                      + did_you_mean(scheme, SOURCE_SCHEMES)
+                                      + f" (known: {', '.join(SOURCE_SCHEMES)}; or /dev/videoN, N, a file path)")
+        if scheme in STREAM_SCHEMES and not urlsplit(source.strip()).netloc:
+            raise PydanticCustomError("no_host", f"the URL has no host: {scheme}://HOST/…")
+        return source
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "CameraConfig":

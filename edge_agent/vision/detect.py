@@ -11,7 +11,6 @@ Two output layouts, picked by ``model.format``:
 
 from __future__ import annotations
 
-import ast
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,22 +19,11 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.vision.config import ModelConfig
+from edge_agent.vision.config import ModelConfig, unknown_classes
+from edge_agent.vision.onnx_file import class_names, model_file_problem
 
 log = logging.getLogger(__name__)
 
-COCO_CLASSES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)
 YOLOX_STRIDES = (8, 16, 32)
 PAD_VALUE = 114
 # ByteTrack's second association stage needs the low-score boxes too, so the detector keeps
@@ -45,6 +33,10 @@ LOW_SCORE_FLOOR = 0.1
 
 class ModelFormatError(ValueError):
     """The ONNX model's inputs or outputs do not fit the configured format."""
+
+
+class ModelFileError(ModelFormatError):
+    """The model file is missing, unreadable or not an ONNX model."""
 
 
 class UnknownClassError(ValueError):
@@ -190,8 +182,9 @@ class Detector:
     # --- set-up ----------------------------------------------------------------------------
     @staticmethod
     def _open_session(model: ModelConfig) -> ort.InferenceSession:
-        if not model.path.is_file():
-            raise FileNotFoundError(f"model file not found: {model.path}")
+        problem = model_file_problem(model.path)  # one clear line, not onnxruntime's protobuf traceback
+        if problem:
+            raise ModelFileError(f"model.path: {problem}")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = model.threads
         opts.inter_op_num_threads = 1
@@ -203,15 +196,7 @@ class Detector:
                                     providers=select_providers(model.providers))
 
     def _class_names_from_model(self) -> list[str]:
-        """Ultralytics exports carry their class names in the metadata; YOLOX is COCO."""
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "names" in meta:
-            try:
-                names = ast.literal_eval(meta["names"])
-                return [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
-            except (ValueError, SyntaxError):
-                log.warning("model metadata 'names' is not readable; using COCO names")
-        return list(COCO_CLASSES)
+        return class_names(self.session.get_modelmeta().custom_metadata_map)
 
     def _expected_shapes(self) -> tuple[list, list]:
         h, w = self.size_hw
@@ -237,9 +222,9 @@ class Detector:
                 f"{', '.join(_shape_text(o.shape) for o in outputs)}")
 
     def _class_filter(self, classes: list[str]) -> np.ndarray:
-        unknown = [c for c in classes if c not in self.names]
-        if unknown:
-            raise UnknownClassError(f"classes not known to the model: {', '.join(unknown)}")
+        problem = unknown_classes(classes, self.names)  # the config refuses these first; class_names= may differ
+        if problem:
+            raise UnknownClassError(f"model.classes: {problem}")
         if not classes:
             return np.arange(len(self.names))
         return np.array([self.names.index(c) for c in classes])

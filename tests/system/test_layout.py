@@ -83,13 +83,13 @@ def test_each_side_imports_without_the_other_sides_extra(side: str, other: str) 
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("example", ["agent.yaml.example", "bridge.yaml.example"])
-def test_check_config_runs_with_the_base_dependencies_only(example: str) -> None:
-    secrets = {name: "x" for name in ("EDGE_MQTT_PASSWORD", "EDGE_CMD_SECRET", "EDGE_BRIDGE_MQTT_PASSWORD",
-                                      "EDGE_ADMIN_TOKEN")}
+@pytest.mark.parametrize("example, secrets", [("examples/agent.yaml", "systemd/agent.env.example"),
+                                              ("systemd/bridge.yaml.example", "systemd/bridge.env.example")])
+def test_check_config_runs_with_the_base_dependencies_only(example: str, secrets: str) -> None:
     proc = _run_without((*EXTRA_MODULES["agent"], *EXTRA_MODULES["bridge"]),
                         "from edge_agent.cli import main\n"
-                        f"sys.exit(main(['check-config', '-c', 'systemd/{example}']))", env=secrets)
+                        f"sys.exit(main(['check-config', '-c', {example!r}, '--env-file', {secrets!r}, "
+                        "'--skip-files']))")
     assert proc.returncode == 0 and "valid" in proc.stdout, proc.stderr
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from edge_agent.vision.config import ModelConfig
 from edge_agent.vision.detect import (
@@ -72,8 +73,12 @@ def test_class_filter_drops_other_classes(model_path, footage):
 
 
 def test_unknown_class_name_is_refused(model_path):
-    with pytest.raises(UnknownClassError, match="unicorn"):
-        Detector(ModelConfig(path=model_path, classes=["person", "unicorn"]))
+    # The config refuses it first (run, set_config and check-config alike, tests/common/test_check_config.py)...
+    with pytest.raises(ValidationError, match="unknown class 'unicorn'"):
+        ModelConfig(path=model_path, classes=["person", "unicorn"])
+    # ...and the detector still checks against the names it is given.
+    with pytest.raises(UnknownClassError, match="unknown class 'person'"):
+        Detector(ModelConfig(path=model_path, classes=["person"]), class_names=[f"c{i}" for i in range(80)])
 
 
 def test_yolox_model_as_yolov8_fails_naming_both_shapes(model_path):
