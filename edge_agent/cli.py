@@ -14,14 +14,15 @@ import os
 import sys
 from pathlib import Path
 
+from edge_agent import __version__
 from edge_agent.common.config import ConfigError
 
 # Top-level modules of each extra in pyproject.toml (import names, not distribution names).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "agent": ("numpy", "cv2", "onnxruntime", "lap", "diskcache", "watchdog", "json_merge_patch"),
+    "agent": ("numpy", "cv2", "onnxruntime", "lap", "diskcache", "watchdog", "json_merge_patch", "tqdm"),
     "bridge": ("confluent_kafka", "fastapi", "uvicorn"),
 }
-VISION_MODULES = ("numpy", "cv2", "onnxruntime", "lap")
+VISION_MODULES = ("numpy", "cv2", "onnxruntime", "lap", "tqdm")  # what `count` imports
 
 
 def missing_modules(names: tuple[str, ...]) -> list[str]:
@@ -101,6 +102,7 @@ def _cmd_count(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("run", help="the camera-host daemon")
@@ -128,17 +130,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one line of JSON")
     s.set_defaults(func=_cmd_outbox)
 
-    s = sub.add_parser("count", help="count a video file offline with the same pipeline as run")
-    s.add_argument("video")
-    s.add_argument("--model", required=True)
-    s.add_argument("--format", default="yolox", choices=["yolox", "yolov8"])
-    s.add_argument("--line", action="append", default=[], metavar="ID:x1,y1,x2,y2")
-    s.add_argument("--zone", action="append", default=[], metavar="ID:x,y;x,y;…")
-    s.add_argument("--classes", default="person")
-    s.add_argument("--fps", type=float, default=None, help="process at this rate (default: every frame)")
-    s.add_argument("--confidence", type=float, default=None)
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser(
+        "count", help="count a video file offline with the same pipeline as run",
+        description="Count people (or other classes) crossing lines and standing in zones of a video file, "
+                    "with the same detector, tracker and counting rules as a camera in `run`. Coordinates "
+                    "are normalised: 0..1 across the frame's width (x, left to right) and height (y, top "
+                    "to bottom). A line counts 'in' when a track crosses it from the left-hand side of "
+                    "P1->P2 to its right-hand side as seen on screen, and 'out' the other way; the "
+                    "annotated video draws an arrow pointing to the 'in' side.",
+        epilog="Every frame of the file is processed unless --fps is given, while a camera in `run` "
+               "processes at its `fps` setting (default 5): --fps 5 reproduces the live rate and counts.")
+    s.add_argument("video", help="the video file to count (any format OpenCV reads: .mp4, .avi, .mkv, ...)")
+    s.add_argument("--model", required=True, help="the ONNX detection model file, e.g. models/yolox_nano.onnx")
+    s.add_argument("--format", default="yolox", choices=["yolox", "yolov8"],
+                   help="the model's output layout (default: yolox)")
+    s.add_argument("--line", action="append", default=[], metavar="ID:x1,y1,x2,y2",
+                   help="a counting line from P1 (x1,y1) to P2 (x2,y2), normalised 0..1; 'in' = crossing from "
+                        "the left to the right of P1->P2 as seen on screen (y down), 'out' the other way; "
+                        "repeat for more lines")
+    s.add_argument("--zone", action="append", default=[], metavar="ID:x,y;x,y;…",
+                   help="an occupancy zone: a polygon of three or more normalised 0..1 points; repeat for more")
+    s.add_argument("--classes", default="person", metavar="CLASS[,CLASS…]",
+                   help="the model classes to detect and count, comma-separated (default: person)")
+    s.add_argument("--fps", type=float, default=None,
+                   help="process at this rate (default: every frame); a camera in `run` processes at its "
+                        "fps (default 5), so --fps 5 reproduces the live rate")
+    s.add_argument("--confidence", type=float, default=None,
+                   help="the detector's minimum score, 0..1 (default: model.confidence's default, as in run)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime threads (default: model.threads's default, as in run)")
+    s.add_argument("--annotate", metavar="OUT.mp4", default=None,
+                   help="write every processed frame with the lines (arrow to the 'in' side, running counts), "
+                        "zones (occupancy) and tracked boxes drawn: same size as the video, at the processing "
+                        "rate (.mp4, .avi or .mkv)")
+    s.add_argument("--events", metavar="OUT.jsonl", default=None,
+                   help="write one JSON object per crossing, in the video's order: line, direction, class, "
+                        "track_id, frame and t (seconds into the video)")
+    s.add_argument("--json", action="store_true",
+                   help="print the result as one line of JSON (and no progress bar)")
     s.set_defaults(func=_cmd_count)
     return p
 
