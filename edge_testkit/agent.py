@@ -6,12 +6,14 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
 
-from edge_testkit.processes import free_port, wait_for
+from edge_testkit.processes import AgentProcess, free_port, wait_for
 
 DEVICE = "gw-1"
 
@@ -104,3 +106,51 @@ class NotifySocket:
     def close(self) -> None:
         self._stop.set()
         self.sock.close()
+
+
+@dataclass
+class CameraAgent:
+    """A running ``edge-agent run`` with one real camera (a looping clip) and its own Mosquitto."""
+
+    proc: AgentProcess
+    api: AgentApi
+    broker: Any
+    config_path: Path
+    port: int
+    camera_id: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_processing(self, frames: int = 1, timeout: float = 90) -> dict:
+        """The camera's status once it has processed at least ``frames`` frames."""
+        return wait_for(lambda: (c := self.api.status()["cameras"][self.camera_id])["frames"] >= frames and c,
+                        timeout, interval=0.1, message=f"camera {self.camera_id} processing {frames} frames")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.api.http.close()
+        self.broker.kill()
+
+
+def start_camera_agent(tmp_path: Path, video: Path, model: Path, *, camera_id: str = "cam-1",
+                       lines: list[dict] | None = None, zones: list[dict] | None = None,
+                       fps: float = 5.0) -> CameraAgent:
+    """An agent counting ``video`` on a loop at ``fps`` (the live path: reader, pacing, live view)."""
+    from edge_testkit.mqtt import start_mosquitto
+
+    broker = start_mosquitto(tmp_path / "mosquitto")
+    camera = {"id": camera_id, "source": str(video), "loop": True, "fps": fps,
+              "lines": lines or [], "zones": zones or []}
+    cfg, port = write_agent_config(tmp_path, broker, model={"path": str(model)}, cameras=[camera],
+                                   state_dir=str(tmp_path / "state"))
+    proc = AgentProcess(["run", "-c", str(cfg)], tmp_path / "agent.log").start()
+    api = AgentApi(port)
+    try:
+        api.wait_up(proc, timeout=60)
+    except BaseException:
+        proc.kill()
+        broker.kill()
+        raise
+    return CameraAgent(proc, api, broker, cfg, port, camera_id)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian/Ubuntu machine for `make demo` / `make test`. Idempotent:
 # every step checks first, so a second run only costs a pip no-op.
-#   - Debian packages mosquitto, stunnel4, openssl when their binaries are missing
+#   - Debian packages mosquitto, stunnel4, openssl, shellcheck, chromium and chromium-driver
+#     when their binaries are missing
 #     (the system mosquitto service is NOT started: tests run their own brokers).
 #   - .venv with python3 >= 3.11 and the project installed editable with its test extra
 #     (both sides' extras, agent and bridge, plus the test tools).
@@ -23,6 +24,9 @@ missing_packages() {
     command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || pkgs+=(stunnel4)
     command -v openssl >/dev/null || pkgs+=(openssl)
     command -v shellcheck >/dev/null || pkgs+=(shellcheck)  # tests/system/test_systemd.py checks install.sh with it
+    # tests/agent/test_agent_page_browser.py: the agent's page in a real headless browser.
+    [ -x /usr/bin/chromium ] || pkgs+=(chromium)
+    [ -x /usr/bin/chromedriver ] || pkgs+=(chromium-driver)
     [ ${#pkgs[@]} -eq 0 ] || printf '%s\n' "${pkgs[@]}" | sort -u
 }
 

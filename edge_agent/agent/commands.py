@@ -86,6 +86,10 @@ class CameraArgs(BaseModel):
     camera_id: str = Field(min_length=1)
 
 
+class SnapshotArgs(CameraArgs):
+    raw: bool = False  # the plain frame instead of the annotated one
+
+
 class SetConfigArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     patch: dict[str, Any]
@@ -113,8 +117,8 @@ class AgentControl(Protocol):
     def restart_camera(self, camera_id: str) -> dict[str, Any]:
         """Raises UnknownCamera (404)."""
 
-    def snapshot(self, camera_id: str) -> bytes | None:
-        """The latest frame as JPEG, None when none yet; raises UnknownCamera."""
+    def snapshot(self, camera_id: str, *, raw: bool = False) -> bytes | None:
+        """The latest frame as JPEG (annotated unless ``raw``), None when none yet; raises UnknownCamera."""
 
     def flush_outbox(self) -> dict[str, Any]: ...
 
@@ -422,18 +426,7 @@ class CommandProcessor:
         return {"version": version, "config": redact(document)}
 
     def _set_config(self, args: dict[str, Any], ctx: Context) -> dict[str, Any]:
-        a = _args(SetConfigArgs, args)
-        try:
-            return self._control.set_config(a.patch, a.expected_version, correlation_id=ctx.correlation_id)
-        except VersionConflict as e:
-            raise CommandError(409, str(e)) from e
-        except ChangeForbidden as e:
-            shown = e.paths[:MAX_LISTED_PATHS]
-            more = f" and {len(e.paths) - len(shown)} more" if len(e.paths) > len(shown) else ""
-            raise CommandError(403, f"a remote set_config may not change {', '.join(shown)}{more}: "
-                                    "edit the config file on the host", audit={"refused": shown}) from e
-        except ConfigRejected as e:
-            raise CommandError(422, "invalid config: " + "; ".join(e.problems)) from e
+        return set_config(self._control, _args(SetConfigArgs, args), correlation_id=ctx.correlation_id)
 
     def _reload_config(self, args: dict[str, Any], ctx: Context) -> dict[str, Any]:
         _args(NoArgs, args)
@@ -450,9 +443,9 @@ class CommandProcessor:
             raise CommandError(404, f"unknown camera {clip(a.camera_id, 64)!r}") from e
 
     def _snapshot(self, args: dict[str, Any], ctx: Context) -> dict[str, Any]:
-        a = _args(CameraArgs, args)
+        a = _args(SnapshotArgs, args)
         try:
-            jpeg = self._control.snapshot(a.camera_id)
+            jpeg = self._control.snapshot(a.camera_id, raw=a.raw)
         except UnknownCamera as e:
             raise CommandError(404, f"unknown camera {clip(a.camera_id, 64)!r}") from e
         if jpeg is None:
@@ -477,6 +470,23 @@ class CommandProcessor:
     def _flush_outbox(self, args: dict[str, Any], _ctx: Context) -> dict[str, Any]:
         _args(NoArgs, args)
         return self._control.flush_outbox()
+
+
+def set_config(control: AgentControl, a: SetConfigArgs, *, correlation_id: str | None) -> dict[str, Any]:
+    """A versioned config patch, for the ``set_config`` command and the agent's page alike:
+    CommandError 409 on a stale version, 403 for what only a local edit may change, 422 when
+    the result is not a valid config."""
+    try:
+        return control.set_config(a.patch, a.expected_version, correlation_id=correlation_id)
+    except VersionConflict as e:
+        raise CommandError(409, str(e)) from e
+    except ChangeForbidden as e:
+        shown = e.paths[:MAX_LISTED_PATHS]
+        more = f" and {len(e.paths) - len(shown)} more" if len(e.paths) > len(shown) else ""
+        raise CommandError(403, f"a remote set_config may not change {', '.join(shown)}{more}: "
+                                "edit the config file on the host", audit={"refused": shown}) from e
+    except ConfigRejected as e:
+        raise CommandError(422, "invalid config: " + "; ".join(e.problems)) from e
 
 
 def _snapshot_result(camera_id: str, jpeg: bytes) -> dict[str, Any]:

@@ -72,7 +72,7 @@ class Agent:
         self.outbox = Outbox(cfg.outbox, cfg.device_id)
         self.uplink = Uplink(cfg.mqtt, cfg.device_id, self.outbox)
         host, port = cfg.http.host_port
-        self.http = AgentHttp(host, port, self.outbox, self.status, health=self.health.healthz,
+        self.http = AgentHttp(host, port, self.outbox, self.status, health=self.health.healthz, control=self,
                               max_body=cfg.outbox.max_message_bytes, max_connections=cfg.http.max_connections,
                               read_timeout_s=cfg.http.read_timeout_s)
         self._notify = systemd  # anything with notify(state): the tests record the pings
@@ -179,8 +179,17 @@ class Agent:
         self.supervisor.restart(camera_id)
         return {"camera_id": camera_id, "restarted": True}
 
-    def snapshot(self, camera_id: str) -> bytes | None:
-        return self.supervisor.snapshot(camera_id)
+    def snapshot(self, camera_id: str, *, raw: bool = False) -> bytes | None:
+        view = self.supervisor.view(camera_id)
+        return view.snapshot(raw=raw) if view is not None else None
+
+    def next_stream_jpeg(self, camera_id: str, after: int, timeout: float) -> tuple[int, bytes] | None:
+        """The camera's next annotated live-view frame after ``after`` (None: none within ``timeout``)."""
+        view = self.supervisor.view(camera_id)
+        if view is None:  # restarting: the next call finds the new worker's view
+            self.stop_requested.wait(min(timeout, 0.2))
+            return None
+        return view.next_stream_jpeg(after, timeout)
 
     def flush_outbox(self) -> dict:
         """Resend everything unacked now and wait (bounded) until nothing is left unsent."""
@@ -270,6 +279,12 @@ def run_agent(config_path: Path) -> int:
         print(f"(file): cannot read {config_path}: {e.strerror or e}", file=sys.stderr)
         return 2
     cfg = live.config
+    # A model or TLS file that is not there would fail the cameras or the uplink over and over:
+    # say so once, as check-config does, and let systemd show it.
+    if problems := cfg.file_problems():
+        for line in problems:
+            print(line, file=sys.stderr)
+        return 2
     logs.setup(cfg.log.level, cfg.log.format)
     agent = Agent(cfg, config_path, live)
 

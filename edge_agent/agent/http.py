@@ -1,4 +1,5 @@
-"""The agent's loopback HTTP: liveness, metrics, status, and the local publish endpoint.
+"""The agent's loopback HTTP: liveness, metrics, status, the local publish endpoint, and
+for people the page with live camera views (page.py).
 
 Local producers on the camera host (a door sensor script, a second analytics process) hand
 events to the outbox here. A stdlib threading server keeps the idle agent small; the
@@ -18,12 +19,27 @@ import re
 import socket
 import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from pydantic import ValidationError
 
+from edge_agent.agent.page import (
+    CONFIG_PATH,
+    PAGE_HEADERS,
+    STREAM_FPS,
+    PageControl,
+    apply_config,
+    camera_route,
+    config_answer,
+    foreign_host,
+    foreign_origin,
+    page_html,
+    snapshot_answer,
+    wants_raw,
+)
 from edge_agent.agent.outbox import (
     EnvelopeTooLarge,
     Outbox,
@@ -31,6 +47,7 @@ from edge_agent.agent.outbox import (
     OutboxFull,
     OutboxUnavailable,
 )
+from edge_agent.agent.supervisor import UnknownCamera
 from edge_agent.common import metrics
 from edge_agent.common.config import problem_lines
 from edge_agent.common.envelope import MAX_MESSAGE_BYTES
@@ -138,10 +155,12 @@ class _Server(ThreadingHTTPServer):
 
 class AgentHttp:
     def __init__(self, host: str, port: int, outbox: Outbox, status: Callable[[], dict], *,
-                 health: Health | None = None, max_body: int = MAX_MESSAGE_BYTES,
-                 max_connections: int = 64, read_timeout_s: float = 10.0):
+                 health: Health | None = None, control: PageControl | None = None,
+                 max_body: int = MAX_MESSAGE_BYTES, max_connections: int = 64, read_timeout_s: float = 10.0):
         self.outbox = outbox
         self.status = status
+        self.control = control  # the page, pictures and config; None: those paths are 404
+        self.stopping = threading.Event()  # ends the live streams
         self.health = health or (lambda: (200, {"status": "ok"}))
         self.max_body = max_body
         handler = type("Handler", (_Handler,), {"app": self, "timeout": read_timeout_s})
@@ -156,6 +175,7 @@ class AgentHttp:
         self.thread.start()
 
     def stop(self) -> None:
+        self.stopping.set()
         self.thread.stop_restarting()
         if self.thread.is_alive():  # shutdown() waits for serve_forever, which never ran otherwise
             self.server.shutdown()
@@ -200,9 +220,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._json(status, {"status": "error", "error": message or status.phrase})
 
-    def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+    def _send(self, code: int, body: bytes, ctype: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -221,9 +244,11 @@ class _Handler(BaseHTTPRequestHandler):
         return bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length", "0").strip() != "0"
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         close = self._has_body()  # a GET body is not read: the connection cannot be reused
         try:
+            if self._for_people(path) and not self._browser_allowed(close):
+                return
             if path == "/healthz":
                 self._answer(*self.app.health(), close=close)
             elif path == "/metrics":
@@ -232,6 +257,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, body, ctype)
             elif path == "/api/v1/status":
                 self._answer(200, self.app.status(), close=close)
+            elif self.app.control is not None and self._get_for_people(path, query, close):
+                pass
             else:
                 self._answer(404, {"status": "error", "error": "not found"}, close=close)
         except (OSError, TimeoutError):
@@ -240,10 +267,82 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("http: GET %s failed", clip(path))
             self._answer(500, {"status": "error", "error": "internal error"}, close=True)
 
+    # --- for people: the page, camera pictures, the config it edits (page.py) ----------------
+
+    def _for_people(self, path: str) -> bool:
+        return self.app.control is not None and (path in ("/", CONFIG_PATH) or camera_route(path) is not None)
+
+    def _browser_allowed(self, close: bool) -> bool:
+        """False once a 403 answered a request from another site or for another host name."""
+        why = foreign_origin(self.headers) or foreign_host(self.headers)
+        if why is not None:
+            self._answer(403, {"status": "error", "error": why}, close=close)
+        return why is None
+
+    def _get_for_people(self, path: str, query: str, close: bool) -> bool:
+        """Answer a GET of the page, a camera picture or the config; False when the path is none of them."""
+        control = self.app.control
+        assert control is not None
+        route = camera_route(path)
+        self.close_connection = self.close_connection or close
+        if path == "/":
+            self._send(200, page_html(), PAGE_HEADERS["Content-Type"], PAGE_HEADERS)
+        elif path == CONFIG_PATH:
+            self._answer(*config_answer(control))
+        elif route is not None and route[1] == "snapshot.jpg":
+            code, body = snapshot_answer(control, route[0], wants_raw(query))
+            if isinstance(body, bytes):
+                self._send(code, body, "image/jpeg", {"Cache-Control": "no-store"})
+            else:
+                self._answer(code, body)
+        elif route is not None:
+            self._stream(control, route[0])
+        else:
+            return False
+        return True
+
+    def _stream(self, control: PageControl, camera_id: str) -> None:
+        """MJPEG of the camera's annotated live view until the client leaves or the agent stops.
+        Frames are drawn and encoded only here, at most STREAM_FPS a second."""
+        try:
+            first = control.next_stream_jpeg(camera_id, 0, timeout=0)
+        except UnknownCamera:
+            self._answer(404, {"status": "error", "error": f"unknown camera {camera_id!r}"})
+            return
+        self.close_connection = True  # the stream is the rest of the connection
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        metrics.VIEW_STREAMS.inc()
+        try:
+            self._stream_frames(control, camera_id, first)
+        except UnknownCamera:
+            pass  # the camera was removed from the config: the stream ends
+        finally:
+            metrics.VIEW_STREAMS.dec()
+
+    def _stream_frames(self, control: PageControl, camera_id: str, got: tuple[int, bytes] | None) -> None:
+        after, gap = 0, 1.0 / STREAM_FPS
+        while not self.app.stopping.is_set():
+            if got is not None:
+                after, jpeg = got
+                # A client that stops reading blocks this write until the socket timeout ends it.
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n"
+                                 % (len(jpeg), jpeg))
+                sent = time.monotonic()
+                self.app.stopping.wait(max(0.0, sent + gap - time.monotonic()))
+            got = control.next_stream_jpeg(camera_id, after, timeout=1.0)
+
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
-        if path != "/api/v1/queue/publish":
+        if path not in ("/api/v1/queue/publish", CONFIG_PATH) or (path == CONFIG_PATH and self.app.control is None):
             self._answer(404, {"status": "error", "error": "not found"}, close=True)
+            return
+        # A web page the operator opens may post to loopback too: only same-origin or non-browser clients.
+        if (why := foreign_origin(self.headers)) or (path == CONFIG_PATH and (why := foreign_host(self.headers))):
+            self._answer(403, {"status": "error", "error": why}, close=True)
             return
         length = self._body_length()
         if length is None:
@@ -257,9 +356,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(*_error(400, f"body ended after {len(body)} of {length} bytes"), close=True)
             return
         try:
-            code, doc = self.app.publish(body, self.headers.get("X-Correlation-ID"))
+            if path == CONFIG_PATH:
+                assert self.app.control is not None
+                code, doc = apply_config(self.app.control, body)
+            else:
+                code, doc = self.app.publish(body, self.headers.get("X-Correlation-ID"))
         except Exception:  # noqa: BLE001 - a bug of ours answers 500, the connection is not just dropped
-            log.exception("http: publish failed")
+            log.exception("http: POST %s failed", path)
             code, doc = _error(500, "internal error")
         self._answer(code, doc)
 

@@ -32,13 +32,20 @@ class UnknownCamera(LookupError):
     """A camera id the agent does not run."""
 
 
+class CameraView(Protocol):
+    """What people see of a camera (liveview.LiveView)."""
+
+    def snapshot(self, *, raw: bool = False) -> bytes | None: ...
+    def next_stream_jpeg(self, after: int, timeout: float) -> tuple[int, bytes] | None: ...
+
+
 class Worker(Protocol):
     camera: CameraConfig
+    view: CameraView
 
     def start(self) -> None: ...
     def stop(self, timeout: float = 5.0) -> None: ...
     def status(self) -> dict: ...
-    def latest_jpeg(self) -> bytes | None: ...
     def heartbeat(self) -> float: ...
     def alive(self) -> bool: ...
 
@@ -180,10 +187,11 @@ class CameraSupervisor:
         with self._lock:
             return list(self._slots)
 
-    def snapshot(self, camera_id: str) -> bytes | None:
+    def view(self, camera_id: str) -> CameraView | None:
+        """The camera's live view; None while it has no running worker; UnknownCamera if not configured."""
         with self._lock:
             worker = self._slot(camera_id).worker
-        return worker.latest_jpeg() if worker is not None else None
+        return worker.view if worker is not None else None
 
     def status(self) -> dict[str, dict]:
         stuck = set(self.stuck())

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import cv2
 import numpy as np
 
+from edge_agent.agent.liveview import LiveView
 from edge_agent.agent.outbox import refusal_reason
 from edge_agent.common import metrics
 from edge_agent.common.envelope import Draft, iso_utc
@@ -54,6 +54,7 @@ class CameraWorker:
         self.detector = detector or Detector(model)
         self.store = CounterStore(Path(state_dir) / f"counts-{camera.id}.json")
         self.reader = LatestFrameReader(camera, self._on_camera_event)
+        self.view = LiveView(camera, self.detector.names, self._line_counts, self.reader.latest)
         self._stage: CountingStage | None = None
         self._lock = threading.Lock()  # guards the interval and the totals (report vs. processing)
         self._interval = _Interval(started_wall=time.time(), started=time.monotonic())
@@ -69,6 +70,7 @@ class CameraWorker:
         self._under_frames: dict[str, int] = defaultdict(int)
         self._down_alerted = False
         self._last_error: str | None = None
+        self._occupancy: dict[str, int] = {z.id: 0 for z in camera.zones}  # of the last processed frame
 
     # --- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -106,20 +108,17 @@ class CameraWorker:
         state = "stopped" if self._stop.is_set() or self._thread is None else self.reader.state
         if state == "ended":
             state = "stopped"
-        with self._lock:
-            counts = self.store.totals.as_dict([line.id for line in self.camera.lines])
+        counts = self._line_counts()
         return {"id": self.camera.id, "state": state,
                 "camera_fps": round(self.reader.camera_fps(), 2), "processed_fps": round(self._meter.rate(now), 2),
                 "skipped": self._skipped, "frames": self._frames,
                 "last_frame_age_s": round(now - self.reader.last_frame_at, 3) if self.reader.last_frame_at else None,
-                "counts": counts}
+                "counts": counts, "occupancy": dict(self._occupancy)}
 
-    def latest_jpeg(self) -> bytes | None:
-        frame = self.reader.latest()
-        if frame is None:
-            return None
-        ok, buf = cv2.imencode(".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, 85])
-        return buf.tobytes() if ok else None
+    def _line_counts(self) -> dict:
+        """Running totals of every configured line (zero counts too), as LineTotals.as_dict."""
+        with self._lock:
+            return self.store.totals.as_dict([line.id for line in self.camera.lines])
 
     # --- events ----------------------------------------------------------------------------
     def _emit(self, stream: str, type_: str, data: dict) -> bool:
@@ -208,6 +207,8 @@ class CameraWorker:
             self._interval.add_step(step, dets.timing_ms)
             self._interval.skipped += skipped
         self._record_crossings(step.crossings)
+        self._occupancy = step.occupancy
+        self.view.update(image, step.tracks, step.occupancy)
         self._check_occupancy(step.occupancy)
         if self._dirty and now - self._last_counts_saved >= 1.0:
             self._save_counts(now)

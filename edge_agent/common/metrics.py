@@ -31,6 +31,9 @@ PUBLISH_REFUSED = Counter("edge_publish_refused_total", "Publishes the broker re
                           ["stream", "reason"])
 MQTT_CONNECTED = Gauge("edge_mqtt_connected", "1 while the uplink is connected")
 COMMANDS = Counter("edge_commands_total", "Remote commands", ["command", "result"])
+VIEW_JPEGS = Counter("edge_view_jpegs_total", "JPEGs of a camera encoded for snapshots and live views "
+                    "(only while someone asks)", ["camera"])
+VIEW_STREAMS = Gauge("edge_view_streams", "MJPEG live views being watched")
 
 # --- bridge ------------------------------------------------------------------------------
 BRIDGE_RECEIVED = Counter("edge_bridge_received_total", "MQTT messages received")

@@ -65,7 +65,8 @@ class FakeControl:
         self.calls.append(("restart_camera", camera_id))
         return {"camera_id": camera_id, "restarted": True}
 
-    def snapshot(self, camera_id: str) -> bytes | None:
+    def snapshot(self, camera_id: str, *, raw: bool = False) -> bytes | None:
+        self.calls.append(("snapshot", camera_id, raw))
         if camera_id == "boom":
             raise RuntimeError("disk on fire")
         if camera_id == "noisy":
@@ -330,6 +331,14 @@ def test_snapshot_is_base64_jpeg(h: Harness) -> None:
     res = h.send("snapshot", {"camera_id": "cam-1"})
     import base64
     assert base64.b64decode(res.result["jpeg_base64"]) == b"\xff\xd8jpeg"
+
+
+def test_snapshot_is_annotated_unless_args_raw(h: Harness) -> None:
+    assert h.send("snapshot", {"camera_id": "cam-1"}).code == 200
+    assert h.send("snapshot", {"camera_id": "cam-1", "raw": True}, nonce="nonce-0002").code == 200
+    assert h.send("snapshot", {"camera_id": "cam-1", "raw": "maybe"}, nonce="nonce-0003").code == 400
+    assert [c for c in h.control.calls if c[0] == "snapshot"] == [("snapshot", "cam-1", False),
+                                                                  ("snapshot", "cam-1", True)]
 
 
 def test_without_secret_unsigned_requests_run() -> None:

@@ -291,10 +291,19 @@ def test_get_config_returns_the_file_version_and_redacts(running: Running) -> No
     assert SECRET not in json.dumps(res)
 
 
-def test_snapshot_is_a_jpeg_of_the_camera(running: Running) -> None:
-    res = wait_for(lambda: (r := running.op.call("snapshot", {"camera_id": "cam-1"}))["ok"] and r, 60)
-    image = cv2.imdecode(np.frombuffer(base64.b64decode(res["result"]["jpeg_base64"]), np.uint8), cv2.IMREAD_COLOR)
-    assert image is not None and image.shape == (576, 768, 3)  # PETS09 frames
+def test_snapshot_is_annotated_unless_raw_is_asked(running: Running) -> None:
+    def snapshot(**args: Any) -> np.ndarray:
+        res = wait_for(lambda: (r := running.op.call("snapshot", {"camera_id": "cam-1", **args}))["ok"] and r, 60)
+        jpeg = base64.b64decode(res["result"]["jpeg_base64"])
+        image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None and image.shape == (576, 768, 3)  # PETS09 frames, under the broker's limit
+        return image
+
+    annotated, raw = snapshot(), snapshot(raw=True)
+    diff = np.abs(annotated.astype(int) - raw.astype(int)).max(axis=2)
+    # cam-1's line "mid" runs down the middle of the frame: drawn there in the annotated one only.
+    middle = [diff[y, 383] for y in range(100, 500, 25)]
+    assert sum(d > 60 for d in middle) >= len(middle) * 3 // 4, middle
 
 
 def test_restart_camera_restarts_only_that_camera(running: Running) -> None:

@@ -39,8 +39,20 @@ class FakeWorker:
     def status(self) -> dict:
         return {"id": self.camera.id, "state": "running" if self.running else "stopped"}
 
-    def latest_jpeg(self) -> bytes | None:
-        return b"jpeg-" + self.camera.id.encode()
+    @property
+    def view(self) -> "FakeView":
+        return FakeView(self.camera.id)
+
+
+class FakeView:
+    def __init__(self, camera_id: str):
+        self.camera_id = camera_id
+
+    def snapshot(self, *, raw: bool = False) -> bytes | None:
+        return f"{'raw' if raw else 'jpeg'}-{self.camera_id}".encode()
+
+    def next_stream_jpeg(self, after: int, timeout: float) -> tuple[int, bytes] | None:
+        return after + 1, b"jpeg"
 
 
 class Clock:
@@ -173,13 +185,13 @@ def test_apply_restarts_only_changed_cameras(env) -> None:
 def test_restart_snapshot_and_unknown_camera(env) -> None:
     sup, factory, _, _ = env
     sup.start([cam("a")])
-    assert sup.snapshot("a") == b"jpeg-a"
+    assert sup.view("a").snapshot() == b"jpeg-a"
     sup.restart("a")
     assert len(factory.built) == 2 and sup.status()["a"]["restarts"] == 1
     with pytest.raises(UnknownCamera):
         sup.restart("zz")
     with pytest.raises(UnknownCamera):
-        sup.snapshot("zz")
+        sup.view("zz")
 
 
 def test_daemon_loop_withholds_watchdog_pings_while_a_camera_is_stuck(tmp_path: Path, monkeypatch) -> None:

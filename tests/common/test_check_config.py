@@ -299,6 +299,16 @@ def test_run_refuses_a_model_that_is_not_onnx_in_one_line(tmp_path: Path) -> Non
                               "export the model to ONNX first")
 
 
+def test_run_exits_2_naming_a_model_file_that_is_not_there(tmp_path: Path) -> None:
+    """Before: the camera failed to start again and again, with a traceback each time."""
+    pytest.importorskip("onnxruntime")
+    cfg = write(tmp_path, agent_yaml(tmp_path / "absent.onnx", cameras=CAMERA))
+    proc = subprocess.run([sys.executable, "-m", "edge_agent", "run", "-c", str(cfg)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"model.path: {tmp_path / 'absent.onnx'}: no such file"
+
+
 # --- TLS files -----------------------------------------------------------------------------------
 
 def test_missing_agent_tls_files_are_named(tmp_path: Path, capsys) -> None:

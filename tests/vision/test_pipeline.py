@@ -162,7 +162,7 @@ def test_a_dead_camera_reports_and_reconnects_while_the_other_keeps_counting(det
     last = outbox.of("counting.interval", "good")[-1].data
     assert last["frames"] >= 0 and "cumulative" in last["lines"]["v"]
     assert good.status()["state"] == "stopped"
-    assert good.latest_jpeg()[:2] == b"\xff\xd8"  # a JPEG
+    assert good.view.snapshot(raw=True)[:2] == b"\xff\xd8"  # a JPEG
     assert metric("edge_frames_total", camera="good", result="processed") >= good.status()["frames"]
     assert metric("edge_frames_total", camera="dead", result="error") >= len(errors)
 
