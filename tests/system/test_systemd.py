@@ -88,6 +88,53 @@ def test_agent_unit_can_rewrite_its_config_and_read_cameras() -> None:
     assert "-HUP" in svc["ExecReload"]
 
 
+GPU_DROP_IN = REPO / "systemd" / "edge-agent-gpu.conf"
+GPU_DEVICE_CLASSES = {"char-nvidia", "char-nvidia-uvm", "char-drm"}
+
+
+def with_gpu_drop_in(into: Path, text: str | None = None) -> Path:
+    """The agent's unit with the GPU drop-in beside it, where systemd looks for drop-ins."""
+    unit = with_local_binary("edge-agent.service", into)
+    drop_dir = into / "edge-agent.service.d"
+    drop_dir.mkdir()
+    (drop_dir / "gpu.conf").write_text(GPU_DROP_IN.read_text() if text is None else text)
+    return unit
+
+
+def device_classes(text: str) -> set[str]:
+    return {line.split("=", 1)[1].split()[0] for line in text.splitlines() if line.startswith("DeviceAllow=")}
+
+
+def test_the_default_unit_stays_closed_to_gpus_and_the_drop_in_opens_them() -> None:
+    svc = read_unit("edge-agent.service")["Service"]
+    assert svc["DevicePolicy"] == "closed"
+    assert not device_classes((REPO / "systemd" / "edge-agent.service").read_text()) & GPU_DEVICE_CLASSES
+    drop_in = GPU_DROP_IN.read_text()
+    assert GPU_DEVICE_CLASSES <= device_classes(drop_in)
+    keys = {line.split("=", 1)[0] for line in drop_in.splitlines() if "=" in line and not line.startswith("#")}
+    assert not keys & {"DevicePolicy", "PrivateDevices"}  # adds to the unit's list, never widens the policy
+    groups = {g for line in drop_in.splitlines() if line.startswith("SupplementaryGroups=")
+              for g in line.split("=", 1)[1].split()}
+    assert {"render", "video"} <= groups
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verify_is_clean_with_the_gpu_drop_in(tmp_path: Path) -> None:
+    unit = with_gpu_drop_in(tmp_path)
+    proc = subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "" and proc.stderr.strip() == "", proc.stderr
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+def test_verify_reads_the_gpu_drop_in(tmp_path: Path) -> None:
+    """The clean verify above is only worth something if systemd read the drop-in."""
+    unit = with_gpu_drop_in(tmp_path, GPU_DROP_IN.read_text().replace("MemoryMax=", "MemoryMaxx="))
+    proc = subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                          timeout=60)
+    assert "MemoryMaxx" in proc.stderr and "gpu.conf" in proc.stderr
+
+
 def _install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """install.sh staged into ``root`` (DESTDIR), without dependencies (the project package only)."""
     env = {**os.environ, "DESTDIR": str(root), "PREFIX": "/opt/edge-test", "PIP_ARGS": "--no-deps",
@@ -103,6 +150,7 @@ def test_install_script_stages_the_agent_role_and_keeps_existing_configs(tmp_pat
     assert first.returncode == 0, first.stderr
     assert "installing edge-agent[agent]" in first.stdout  # the camera side's extra, not the bridge's
     assert (root / "opt/edge-test/venv/bin/edge-agent").exists()
+    assert (root / "opt/edge-test/docs/agent-reference.md").exists()  # where the README's links lead
     unit = (root / "etc/systemd/system/edge-agent.service").read_text()
     assert "ExecStart=/opt/edge-test/venv/bin/edge-agent run -c /etc/edge-agent/agent.yaml" in unit
     assert oct((root / "etc/edge-agent/agent.env").stat().st_mode & 0o777) == "0o600"
@@ -112,12 +160,58 @@ def test_install_script_stages_the_agent_role_and_keeps_existing_configs(tmp_pat
     check = subprocess.run([str(root / "opt/edge-test/venv/bin/python"), "-c", "import edge_agent"],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stderr
+    # The unit stays closed to GPUs unless asked.
+    assert not (root / "etc/systemd/system/edge-agent.service.d").exists()
     # An operator's config survives a re-install (upgrade).
     (root / "etc/edge-agent/agent.yaml").write_text("device_id: mine\n")
     second = _install(root, "--role", "agent")
     assert second.returncode == 0, second.stderr
     assert (root / "etc/edge-agent/agent.yaml").read_text() == "device_id: mine\n"
     assert "keeping existing" in second.stdout
+
+
+@pytest.mark.timeout(300)
+def test_install_script_opens_the_gpu_and_keeps_the_chosen_onnxruntime(tmp_path: Path) -> None:
+    """--gpu adds the drop-in; --onnxruntime swaps the runtime build, upgrades keep the swap, and a
+    new choice removes the old one (every build installs the same module)."""
+    root = tmp_path / "root"
+    gpu, other = fake_runtime_wheel(tmp_path / "wheels", "gpu"), fake_runtime_wheel(tmp_path / "wheels", "other")
+    first = _install(root, "--role", "agent", "--gpu", "--onnxruntime", str(gpu))
+    assert first.returncode == 0, first.stderr
+    drop_in = root / "etc/systemd/system/edge-agent.service.d/gpu.conf"
+    assert drop_in.read_text() == (REPO / "systemd" / "edge-agent-gpu.conf").read_text()
+    site = next((root / "opt/edge-test/venv/lib").glob("python3*/site-packages"))
+    marker = site / "edge_fake_runtime_gpu.py"
+    assert marker.exists()
+    marker.unlink()  # as when an upgrade puts the CPU build's files over it
+    upgrade = _install(root, "--role", "agent")  # no --onnxruntime: the choice is remembered
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert f"replacing onnxruntime with {gpu}" in upgrade.stdout and marker.exists()
+    switch = _install(root, "--role", "agent", "--onnxruntime", str(other))
+    assert switch.returncode == 0, switch.stderr
+    assert (site / "edge_fake_runtime_other.py").exists() and not marker.exists()
+
+
+def fake_runtime_wheel(into: Path, variant: str) -> Path:
+    """A tiny local wheel standing in for an onnxruntime build (no download in tests)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    module = f"edge_fake_runtime_{variant}"
+    name = f"{module}-1.0"
+    files = {f"{module}.py": b"BUILD = 'fake'\n",
+             f"{name}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n".encode(),
+             f"{name}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"
+              for path, data in files.items()]
+    files[f"{name}.dist-info/RECORD"] = ("\n".join([*record, f"{name}.dist-info/RECORD,,"]) + "\n").encode()
+    into.mkdir(parents=True, exist_ok=True)
+    wheel = into / f"{name}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+    return wheel
 
 
 @pytest.mark.timeout(300)
@@ -141,6 +235,8 @@ def test_install_script_stages_the_bridge_role_only(tmp_path: Path) -> None:
     (["--role", "camera"], "--role takes agent or bridge"),
     (["--role", "bridge", "--model", "none.onnx"], "--model is for --role agent"),
     (["--enable", "agent"], "unknown argument: agent"),
+    (["--role", "bridge", "--gpu"], "--gpu and --onnxruntime are for --role agent"),
+    (["--role", "agent", "--onnxruntime"], "--onnxruntime needs a package"),
 ])
 def test_install_script_refuses_bad_arguments_clearly(tmp_path: Path, args: list[str], message: str) -> None:
     args = [str(tmp_path / a) if a.endswith(".onnx") else a for a in args]
