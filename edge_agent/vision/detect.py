@@ -192,8 +192,11 @@ class Detector:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning workers burn the core that the video decoder and tracker need between runs.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(model.path), sess_options=opts,
-                                    providers=select_providers(model.providers))
+        session = ort.InferenceSession(str(model.path), sess_options=opts,
+                                       providers=select_providers(model.providers))
+        # A GPU provider that could not start falls back to the CPU without an error: say which runs.
+        log.info("model %s: execution providers %s", model.path.name, ", ".join(session.get_providers()))
+        return session
 
     def _class_names_from_model(self) -> list[str]:
         return class_names(self.session.get_modelmeta().custom_metadata_map)
