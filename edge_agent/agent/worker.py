@@ -156,9 +156,7 @@ class CameraWorker:
     # --- processing thread -----------------------------------------------------------------
     def _run(self) -> None:
         last_seq = 0
-        next_due = time.monotonic()
         next_report = time.monotonic() + self.report_interval_s
-        period = 1.0 / self.camera.fps
         while not self._stop.is_set():
             now = self._beat = time.monotonic()
             self.reader.check_stall(now)
@@ -166,15 +164,13 @@ class CameraWorker:
             if now >= next_report:
                 self.flush_report()
                 next_report = now + self.report_interval_s
-            if now < next_due:  # pace to the camera's fps; newer frames replace older ones meanwhile
-                self._stop.wait(min(next_due - now, 0.5))
-                continue
+            # The reader picks the frames to process at the camera's fps (the rule `count --fps`
+            # uses); when processing falls behind, the newest picked frame replaces older ones.
             frame = self.reader.wait_newer(last_seq, timeout=0.5)
             if frame is None:
                 continue
             skipped = frame.seq - last_seq - 1 if last_seq else 0
             last_seq = frame.seq
-            next_due = max(next_due + period, time.monotonic() - period)
             try:
                 self._process(frame.image, skipped)
             except Exception:  # one bad frame must not end the camera

@@ -157,12 +157,33 @@ def map_ahead(items: Iterator[tuple[int, Any]], fn: Callable[[Any], Any], *, dep
                 worker.join(0.05)
 
 
-def _decoded_frames(cap: cv2.VideoCapture, step: float) -> Iterator[tuple[int, np.ndarray]]:
-    """(index, image) of every ``step``-th frame; skipped frames are grabbed, not decoded."""
-    index, next_keep = 0, 0.0
+class FrameSampler:
+    """Which frames to process at ``fps``: the first frame at or after each tick of a 1/fps clock
+    that starts with the first frame. The one rule for ``count --fps N`` (frame times are index /
+    source fps) and for a camera at ``fps: N`` (frame times on the stream's clock), so that the
+    offline count reproduces what the live camera processes. ``fps`` None: every frame."""
+
+    def __init__(self, fps: float | None):
+        self.period = 1.0 / fps if fps else 0.0
+        self._next: float | None = None
+
+    def take(self, t: float) -> bool:
+        """Whether the frame at time ``t`` (seconds, non-decreasing) is to be processed."""
+        if self._next is not None and t < self._next - 1e-9:
+            return False
+        # After a gap longer than a period (a reconnect) the clock restarts at this frame.
+        self._next = t + self.period if self._next is None or t - self._next >= self.period else \
+            self._next + self.period
+        return True
+
+
+def _decoded_frames(cap: cv2.VideoCapture, fps: float | None, src_fps: float) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, image) of the frames FrameSampler keeps at ``fps``; the others are grabbed, not decoded."""
+    sampler = FrameSampler(fps)
+    index = 0
     try:
         while True:
-            if index < next_keep - 1e-6:
+            if not sampler.take(index / src_fps):
                 if not cap.grab():
                     return
                 index += 1
@@ -170,7 +191,6 @@ def _decoded_frames(cap: cv2.VideoCapture, step: float) -> Iterator[tuple[int, n
             ok, image = cap.read()
             if not ok:
                 return
-            next_keep += step
             yield index, image
             index += 1
     finally:
@@ -185,9 +205,7 @@ def iter_file_frames(path: str | Path, fps: float | None = None, *, prefetch: in
     the image) runs in a helper thread: OpenCV and numpy release the GIL, so it overlaps inference.
     """
     cap = open_capture(str(path))
-    src_fps = source_fps(cap)
-    step = 1.0 if not fps or fps >= src_fps else src_fps / fps
-    yield from map_ahead(_decoded_frames(cap, step), transform or (lambda image: image), depth=prefetch,
+    yield from map_ahead(_decoded_frames(cap, fps, source_fps(cap)), transform or (lambda image: image), depth=prefetch,
                          name=f"decode-{Path(path).name}")
 
 
@@ -245,7 +263,8 @@ class LatestFrameReader:
         self.errors = 0
         self.last_frame_at = 0.0
         self.last_attempt_at = time.monotonic()
-        self._latest: Frame | None = None
+        self._latest: Frame | None = None  # the newest frame read (snapshots, stall checks)
+        self._latest_due: Frame | None = None  # the newest frame the sampler picked for processing
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -272,14 +291,16 @@ class LatestFrameReader:
 
     # --- consumer side ---------------------------------------------------------------------
     def latest(self) -> Frame | None:
+        """The newest frame read, whether or not it is one to process."""
         return self._latest
 
     def wait_newer(self, after_seq: int, timeout: float) -> Frame | None:
-        """The newest frame with seq > after_seq, waiting up to ``timeout``; None if none came."""
+        """The newest frame to process (picked at the camera's ``fps`` by FrameSampler, as ``count
+        --fps`` picks them) with seq > after_seq, waiting up to ``timeout``; None if none came."""
         with self._cond:
-            self._cond.wait_for(lambda: self._stop.is_set() or (self._latest is not None
-                                                                and self._latest.seq > after_seq), timeout)
-            frame = self._latest
+            self._cond.wait_for(lambda: self._stop.is_set() or (self._latest_due is not None
+                                                                and self._latest_due.seq > after_seq), timeout)
+            frame = self._latest_due
         return frame if frame is not None and frame.seq > after_seq else None
 
     def camera_fps(self) -> float:
@@ -354,6 +375,7 @@ class LatestFrameReader:
         pace = 1.0 / source_fps(cap) if is_file(self.source) else 0.0
         started = time.monotonic()
         n_since_open = 0
+        sampler = FrameSampler(self.camera.fps)
         while not self._stop.is_set():
             ok, image = cap.read()
             if not ok and is_file(self.source) and self.camera.loop and n_since_open > 0:
@@ -365,13 +387,15 @@ class LatestFrameReader:
                     self._event("camera.offline", {"source": self.safe_source(), "reason": "end of file"})
                     return True
                 return False
+            # A file's frames are timed by its own clock, as in `count`; a stream's as they arrive.
+            due = sampler.take(n_since_open * pace if pace else time.monotonic() - started)
             n_since_open += 1
-            self._publish(image)
+            self._publish(image, due)
             if pace:  # a file plays at its own frame rate, like a live camera would
                 self._stop.wait(max(0.0, started + n_since_open * pace - time.monotonic()))
         return True
 
-    def _publish(self, image: np.ndarray) -> None:
+    def _publish(self, image: np.ndarray, due: bool) -> None:
         now = time.monotonic()
         if self.state != "running":
             back = self.state == "stalled"
@@ -386,4 +410,6 @@ class LatestFrameReader:
         self._meter.tick(now)
         with self._cond:
             self._latest = Frame(image, self.frames_read, now)
-            self._cond.notify_all()
+            if due:
+                self._latest_due = self._latest
+                self._cond.notify_all()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from edge_agent.common.config import problem_lines
 from edge_agent.vision.annotate import annotate
 from edge_agent.vision.capture import (
+    FrameSampler,
     StreamError,
     iter_file_frames,
     map_ahead,
@@ -142,12 +142,10 @@ def processing_fps(src_fps: float, fps: float | None) -> float:
 
 
 def processed_frame_count(frame_count: int, src_fps: float, fps: float | None) -> int:
-    """How many of a file's ``frame_count`` frames ``iter_file_frames`` yields at ``fps``: every
-    ``src_fps / fps``-th one (capture.py's ``_decoded_frames`` keeps frame ceil(k * step))."""
-    if frame_count <= 0:
-        return 0
-    step = src_fps / processing_fps(src_fps, fps)
-    return math.floor((frame_count - 1 + 1e-6) / step) + 1
+    """How many of a file's ``frame_count`` frames ``iter_file_frames`` yields at ``fps`` (by the
+    same FrameSampler, without decoding anything)."""
+    sampler = FrameSampler(fps)
+    return sum(sampler.take(i / src_fps) for i in range(max(frame_count, 0)))
 
 
 class AnnotatedVideo:

@@ -12,6 +12,7 @@ import cv2
 import pytest
 
 from edge_agent.vision.capture import (
+    FrameSampler,
     LatestFrameReader,
     StreamError,
     credentialed_source,
@@ -90,6 +91,47 @@ def test_reader_plays_a_file_and_reports_its_end(footage):
         assert reader.wait_newer(0, 1).seq == 71  # the newest frame stays available
     finally:
         reader.stop()
+
+
+@pytest.mark.parametrize("fps", [25, 12.5, 5, 3, 1.4])
+def test_frame_sampler_is_the_offline_and_the_live_rule(footage, fps):
+    """A camera at ``fps`` processes the frames that ``count --fps`` processes, whatever the
+    machine's timing: the reader picks them on the file's own clock, as the offline iterator does."""
+    video = footage("TUD-Campus")  # 71 frames at 25 fps
+    offline = [i for i, _ in iter_file_frames(video, fps=fps)]
+    reader = LatestFrameReader(CameraConfig(id="c", source=str(video), fps=fps), Events())
+    picked: list[int] = []
+    publish = reader._publish
+
+    def recording(image, due):  # the reader thread's hand-over, watched
+        if due:
+            picked.append(reader.frames_read)  # the index of the frame being published
+        publish(image, due)
+
+    reader._publish = recording
+    reader.start()
+    try:
+        wait_for(lambda: reader.state == "ended", 30, message="end of file")
+    finally:
+        reader.stop()
+    assert picked == offline and len(offline) == len(FrameSamplerCheck.indices(71, 25, fps))
+
+
+class FrameSamplerCheck:
+    @staticmethod
+    def indices(n: int, src: float, fps: float | None) -> list[int]:
+        sampler = FrameSampler(fps)
+        return [i for i in range(n) if sampler.take(i / src)]
+
+
+def test_frame_sampler_picks_every_kth_frame_and_restarts_after_a_gap():
+    assert FrameSamplerCheck.indices(10, 10, None) == list(range(10))
+    assert FrameSamplerCheck.indices(10, 10, 5) == [0, 2, 4, 6, 8]
+    assert FrameSamplerCheck.indices(15, 7, 5) == [0, 2, 3, 5, 6, 7, 9, 10, 12, 13, 14]  # PETS09 at --fps 5
+    assert FrameSamplerCheck.indices(10, 10, 30) == list(range(10))  # faster than the source: every frame
+    sampler = FrameSampler(2)  # a live stream that stops for 3 s and comes back
+    assert [sampler.take(t) for t in (0.0, 0.3, 0.5, 0.6, 3.6, 3.8, 4.1)] == [True, False, True, False, True,
+                                                                            False, True]
 
 
 @pytest.mark.timeout(60)
@@ -273,11 +315,11 @@ def test_an_unexpected_error_while_reading_is_reported_and_the_reader_goes_on(fo
     reader = LatestFrameReader(cam, events)
     publish, calls = reader._publish, []
 
-    def fails_once(image):  # a bug or a decoder surprise on the third frame
+    def fails_once(image, due):  # a bug or a decoder surprise on the third frame
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("decoder surprise")
-        publish(image)
+        publish(image, due)
 
     reader._publish = fails_once
     reader.start()
