@@ -29,6 +29,11 @@ from edge_agent.vision.track import ByteTracker, TrackedObject, iou_matrix
 
 log = logging.getLogger(__name__)
 
+# How far (in its box heights per second) a track may have moved between two processed frames
+# and still take a box that its predicted box does not overlap: a walker covers about one
+# height a second; the margin is for the prediction lagging a track that just started or turned.
+# At 5 fps and less, steps are long enough that IoU alone loses walkers (docs/performance.md).
+REACH_HEIGHTS_S = 3.0
 # A new track needs a box this much above model.confidence (ByteTrack uses 0.1): fewer
 # short-lived tracks from jitter, which make false crossings on lines along walking paths.
 NEW_TRACK_MARGIN = 0.25
@@ -143,7 +148,7 @@ class CountingStage:
         self.names = class_names
         self.tracker = ByteTracker(high_thresh=confidence, low_thresh=min(LOW_SCORE_FLOOR, confidence),
                                    new_track_thresh=min(confidence + NEW_TRACK_MARGIN, 0.95),
-                                   frame_rate=fps, lost_seconds=LOST_SECONDS)
+                                   frame_rate=fps, lost_seconds=LOST_SECONDS, reach_heights_s=REACH_HEIGHTS_S)
         frames = confirm_frames(fps)
         self.lines = [LineCounter(line, width, height, min_frames=frames, margin=CONFIRM_MARGIN, smooth=SMOOTH_FRAMES)
                       for line in lines]

@@ -1,10 +1,15 @@
-"""A ByteTrack-class multi-object tracker: Kalman motion and two-stage IoU association.
+"""A ByteTrack-class multi-object tracker: Kalman motion, two-stage IoU association, and reach.
 
 Written here because the packaged trackers pull heavy dependencies onto an edge box
 (``trackers`` needs supervision and full opencv-python, ``boxmot`` needs torch). It follows
 the ByteTrack paper (Zhang et al., 2022): high-score boxes are matched first, the leftover
 tracks then get a second chance against the low-score boxes (occluded people score low),
 unmatched tracks are kept "lost" for a while so that they can come back with their id.
+One addition for cameras processed at a few frames a second: boxes and tracks left over by the
+IoU stages are matched by the distance of their centres, within how far a track can get
+between two processed frames (``reach_heights_s``), new tracks included; at such rates a
+walker's box often no longer overlaps the prediction, and IoU alone starts a new track
+(or never confirms one) at every frame.
 """
 
 from __future__ import annotations
@@ -80,6 +85,19 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
+def centre_distance(tracks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Distance between the centres of track boxes (N, 4) and boxes (M, 4), in the track's box
+    heights, with the height ratio folded in (a box twice as tall is not the same person)."""
+    if len(tracks) == 0 or len(boxes) == 0:
+        return np.zeros((len(tracks), len(boxes)))
+    tc = (tracks[:, None, :2] + tracks[:, None, 2:]) / 2
+    bc = (boxes[None, :, :2] + boxes[None, :, 2:]) / 2
+    th = np.maximum(tracks[:, 3] - tracks[:, 1], 1.0)[:, None]
+    bh = np.maximum(boxes[:, 3] - boxes[:, 1], 1.0)[None, :]
+    dist = np.hypot(*np.moveaxis(tc - bc, -1, 0)) / th
+    return dist + np.abs(np.log(bh / th))
+
+
 def assign(cost: np.ndarray, limit: float) -> tuple[list[tuple[int, int]], list[int], list[int]]:
     """Minimum-cost matching; pairs above ``limit`` stay unmatched."""
     if cost.size == 0:
@@ -145,13 +163,16 @@ class ByteTracker:
 
     def __init__(self, *, high_thresh: float = 0.5, low_thresh: float = 0.1, new_track_thresh: float | None = None,
                  match_thresh: float = 0.8, second_match_thresh: float = 0.5, frame_rate: float = 30.0,
-                 lost_seconds: float = 1.0):
+                 lost_seconds: float = 1.0, reach_heights_s: float = 0.0):
         self.high_thresh = high_thresh
         self.low_thresh = low_thresh
         self.new_track_thresh = high_thresh + 0.1 if new_track_thresh is None else new_track_thresh
         self.match_thresh = match_thresh
         self.second_match_thresh = second_match_thresh
         self.max_lost_frames = max(3, int(round(frame_rate * lost_seconds)))
+        # Stage 3 (motion): a box that overlaps no predicted track may still be the one a track
+        # reaches between two processed frames; how far, in its box heights, a track may go.
+        self.reach = reach_heights_s / frame_rate
         self.frame = 0
         self.tracked: list[Track] = []
         self.lost: list[Track] = []
@@ -167,6 +188,13 @@ class ByteTracker:
             iou = iou * scores[None, :]
         cost = 1.0 - iou
         cost[np.array([t.class_id for t in tracks])[:, None] != classes[None, :]] = 1.0
+        return cost
+
+    def _reach_cost(self, tracks: list[Track], boxes: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        if not tracks or len(boxes) == 0:
+            return np.zeros((len(tracks), len(boxes)))
+        cost = centre_distance(np.array([t.xyxy for t in tracks]), boxes)
+        cost[np.array([t.class_id for t in tracks])[:, None] != classes[None, :]] = 1e6  # other classes never
         return cost
 
     def _predict(self, tracks: list[Track]) -> None:
@@ -203,6 +231,16 @@ class ByteTracker:
         for ti in rest2:
             second[ti].state = TrackState.LOST
 
+        # Stage 3: at a low processing rate people move past their predicted box between frames;
+        # what is left is matched by the distance of the centres (in box heights) within reach.
+        matched = {id(pool[i]) for i, _ in matches} | {id(second[i]) for i, _ in m2}
+        if self.reach > 0 and len(rest_d):
+            far = [t for t in pool if id(t) not in matched]
+            cost = self._reach_cost(far, hi_box[rest_d], hi_cls[rest_d])
+            m_far, _, left = assign(cost, self.reach)
+            self._observe_pairs(far, [(ti, rest_d[di]) for ti, di in m_far], hi_box, hi_score, hi_cls)
+            rest_d = [rest_d[di] for di in left]
+
         # Tentative tracks get one frame to be confirmed.
         left_box, left_score, left_cls = hi_box[rest_d], hi_score[rest_d], hi_cls[rest_d]
         if unconfirmed:
@@ -210,6 +248,12 @@ class ByteTracker:
         else:
             m3, rest3, rest_d3 = [], [], list(range(len(left_box)))
         self._observe_pairs(unconfirmed, m3, left_box, left_score, left_cls)
+        if self.reach > 0 and rest3 and rest_d3:  # a new track of a walker at a low rate, as in stage 3
+            pending = [unconfirmed[ti] for ti in rest3]
+            m4, rest4, left4 = assign(self._reach_cost(pending, left_box[rest_d3], left_cls[rest_d3]), self.reach)
+            self._observe_pairs(pending, [(ti, rest_d3[di]) for ti, di in m4], left_box, left_score, left_cls)
+            rest3 = [rest3[ti] for ti in rest4]
+            rest_d3 = [rest_d3[di] for di in left4]
         for ti in rest3:
             unconfirmed[ti].state = TrackState.REMOVED
 

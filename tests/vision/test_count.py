@@ -238,3 +238,55 @@ def test_a_tally_absorbs_an_earlier_one_without_losing_counts() -> None:
     assert later.totals.as_dict(["l"])["l"]["in"] == 3
     assert later.zones(["z"]) == {"z": {"avg": 3.0, "max": 5}}
     assert StepTally().zones(["z"]) == {"z": {"avg": 0.0, "max": 0}}
+
+
+# --- counting at a low processing rate (frames in between are never seen) ------------------------
+
+def stage_at(fps: float, lines: list[LineConfig]):
+    from edge_agent.vision.detect import Detections
+    from edge_agent.vision.stage import CountingStage
+
+    stage = CountingStage(lines, [], W, H, ["person"], fps=fps, confidence=0.3)
+
+    def step(anchors: list[tuple[float, float]], frame: int) -> list:
+        boxes = np.array([box_at(x, y) for x, y in anchors], dtype=np.float32).reshape(-1, 4)
+        dets = Detections(boxes, np.full(len(boxes), 0.9, np.float32), np.zeros(len(boxes), np.int64), {})
+        return stage.step(dets, frame, frame / fps).crossings
+
+    return stage, step
+
+
+VERTICAL = LineConfig(id="v", points=((0.5, 0.1), (0.5, 0.9)))
+
+
+@pytest.mark.parametrize("fps", [1.4, 2.5, 5.0])
+def test_a_walker_crossing_between_two_processed_frames_counts_once(fps: float) -> None:
+    """A brisk walker (1.2 box heights a second) seen at ``fps``: at 1.4 fps each processed frame
+    finds them 0.86 box heights further on, past their last box; the crossing happens between
+    two processed frames; they walk on and leave the picture."""
+    stage, step = stage_at(fps, [VERTICAL])
+    stride = int(100 * 1.2 / fps)
+    crossings = [c for i, x in enumerate(range(150, 960, stride)) for c in step([(x, 600)], i)]
+    crossings += stage.finish()
+    assert [(c.line, c.direction) for c in crossings] == [("v", "out")]  # left to right of a downward line
+
+
+def test_two_walkers_crossing_each_other_at_the_line_at_a_low_rate_count_one_each_way() -> None:
+    stage, step = stage_at(2.0, [VERTICAL])
+    crossings = []
+    for i in range(12):
+        crossings += step([(150 + 70 * i, 600), (850 - 70 * i, 680)], i)
+    crossings += stage.finish()
+    assert sorted(c.direction for c in crossings) == ["in", "out"]
+
+
+def test_someone_lingering_on_the_line_at_a_low_rate_counts_once_per_real_crossing() -> None:
+    """Standing on the line for 20 processed frames, the box bottom wobbling across it, then
+    walking on: one crossing, not one per wobble."""
+    stage, step = stage_at(2.0, [VERTICAL])
+    rng = np.random.default_rng(3)
+    path = [(150 + 70 * i, 600) for i in range(5)]  # walks up to the line
+    path += [(500 + rng.normal(0, 6), 600 + rng.normal(0, 3)) for _ in range(20)]  # lingers on it
+    path += [(500 + 70 * i, 600) for i in range(1, 7)]  # walks on, right
+    crossings = [c for i, p in enumerate(path) for c in step([p], i)] + stage.finish()
+    assert [c.direction for c in crossings] == ["out"]

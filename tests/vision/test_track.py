@@ -112,3 +112,23 @@ def test_classes_do_not_swap_identities():
     for i in range(5):
         tracks = feed(tracker, [box(105 + i, 100), box(100 + i, 100)], [0.9, 0.9], [2, 0])
     assert {(t.track_id, t.class_id) for t in tracks} == {(1, 0), (2, 2)}
+
+
+def test_a_walker_seen_at_a_low_rate_keeps_one_id():
+    """At 2 processed frames a second a walker moves past its own box between frames: IoU alone
+    never confirms the track (every box is a new one); the reach stage follows it."""
+    boxes = [box(100 + 45 * i, 300, w=30, h=80) for i in range(8)]  # 45 px per step, boxes 30 wide
+    with_reach = ByteTracker(frame_rate=2, reach_heights_s=3.0)  # 1.5 box heights per step
+    ids = [{t.track_id for t in feed(with_reach, [b], [0.9])} for b in boxes]
+    assert ids[0] == {1} and all(i == {1} for i in ids[1:])
+    iou_only = ByteTracker(frame_rate=2)
+    assert [feed(iou_only, [b], [0.9]) for b in boxes][1:] == [[]] * 7  # never confirmed
+
+
+def test_reach_does_not_take_a_box_beyond_it_or_of_another_size():
+    tracker = ByteTracker(frame_rate=2, reach_heights_s=3.0)  # 1.5 heights = 120 px at h=80
+    feed(tracker, [box(100, 300)], [0.9])
+    assert feed(tracker, [box(300, 300)], [0.9]) == []  # 200 px away: a new track, not confirmed
+    tracker = ByteTracker(frame_rate=2, reach_heights_s=3.0)
+    feed(tracker, [box(100, 300)], [0.9])
+    assert feed(tracker, [box(150, 300, w=80, h=240)], [0.9]) == []  # three times as tall: someone else
