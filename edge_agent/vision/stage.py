@@ -37,12 +37,18 @@ REACH_HEIGHTS_S = 3.0
 # A new track needs a box this much above model.confidence (ByteTrack uses 0.1): fewer
 # short-lived tracks from jitter, which make false crossings on lines along walking paths.
 NEW_TRACK_MARGIN = 0.25
-# Debounce: a crossing counts once the track was seen this long on the new side.
+# Debounce: a crossing counts once the track was seen this long on the new side, at least
+# MIN_CONFIRM_FRAMES frames, but not more than LOW_RATE_SECONDS of frames (at 2 fps three frames
+# are 1.5 s, longer than many walkers stay in view after a line) and never fewer than
+# LOW_RATE_CONFIRM_FRAMES: one more frame on the new side is what tells a wobble from a crossing.
 CONFIRM_SECONDS = 0.2
 MIN_CONFIRM_FRAMES = 3
+LOW_RATE_SECONDS = 0.5
+LOW_RATE_CONFIRM_FRAMES = 2
 # Hysteresis: ... and got this many box heights past the line (jitter of the box bottom stays below).
 CONFIRM_MARGIN = 0.07
-# The anchor is averaged over a track's last observations: damps jitter, delays a crossing slightly.
+# The anchor is averaged over a track's last observations: damps jitter, delays a crossing slightly
+# (at most SMOOTH_FRAMES of them, and no more than LOW_RATE_SECONDS of frames at low rates).
 SMOOTH_FRAMES = 3
 # A track unseen this long is gone (its id will not come back).
 LOST_SECONDS = 1.0
@@ -60,8 +66,18 @@ HANDOVER_MAX_IOU = 0.2
 OCCUPANCY_CLEAR_FRAMES = 3
 
 
+def frames_within_low_rate_window(most: int, fps: float) -> int:
+    """``most`` frames, or fewer when they would span more than LOW_RATE_SECONDS (at least one)."""
+    return max(1, min(most, int(round(fps * LOW_RATE_SECONDS))))
+
+
 def confirm_frames(fps: float) -> int:
-    return max(MIN_CONFIRM_FRAMES, int(round(fps * CONFIRM_SECONDS)))
+    return max(LOW_RATE_CONFIRM_FRAMES, frames_within_low_rate_window(MIN_CONFIRM_FRAMES, fps),
+               int(round(fps * CONFIRM_SECONDS)))
+
+
+def smooth_frames(fps: float) -> int:
+    return frames_within_low_rate_window(SMOOTH_FRAMES, fps)
 
 
 @dataclass
@@ -118,7 +134,7 @@ class _Trail:
     """A track's recent bottom-centre anchors, with the step of each; it moves to the new id on an ID switch."""
 
     def __init__(self) -> None:
-        keep = max(TRAIL_STEPS, SMOOTH_FRAMES)
+        keep = max(TRAIL_STEPS, SMOOTH_FRAMES)  # the most any rate smooths over
         self.anchors = RecentAnchors(keep)
         self.steps: deque[int] = deque(maxlen=keep)
         self.step = 0
@@ -150,7 +166,8 @@ class CountingStage:
                                    new_track_thresh=min(confidence + NEW_TRACK_MARGIN, 0.95),
                                    frame_rate=fps, lost_seconds=LOST_SECONDS, reach_heights_s=REACH_HEIGHTS_S)
         frames = confirm_frames(fps)
-        self.lines = [LineCounter(line, width, height, min_frames=frames, margin=CONFIRM_MARGIN, smooth=SMOOTH_FRAMES)
+        self.smooth = smooth_frames(fps)
+        self.lines = [LineCounter(line, width, height, min_frames=frames, margin=CONFIRM_MARGIN, smooth=self.smooth)
                       for line in lines]
         self.zones = [ZoneCounter(zone, width, height) for zone in zones]
         self._alive: set[int] = set()
@@ -216,7 +233,7 @@ class CountingStage:
         for t in tracks:
             name = self.names[t.class_id]
             box = t.xyxy.tolist()  # plain floats: the per-line arithmetic is scalar
-            bottom = self._trails[t.track_id].anchors.mean(SMOOTH_FRAMES)  # once for all lines
+            bottom = self._trails[t.track_id].anchors.mean(self.smooth)  # once for all lines
             for line in self.lines:
                 pt = bottom if line.anchor == "bottom_center" else None
                 if line.wants(name) and (c := line.observe(t.track_id, box, name, frame, ts, pt)):

@@ -286,7 +286,7 @@ def test_someone_lingering_on_the_line_at_a_low_rate_counts_once_per_real_crossi
     stage, step = stage_at(2.0, [VERTICAL])
     rng = np.random.default_rng(3)
     path = [(150 + 70 * i, 600) for i in range(5)]  # walks up to the line
-    path += [(500 + rng.normal(0, 6), 600 + rng.normal(0, 3)) for _ in range(20)]  # lingers on it
+    path += [(500 + rng.normal(0, 3), 600 + rng.normal(0, 2)) for _ in range(20)]  # lingers on it
     path += [(500 + 70 * i, 600) for i in range(1, 7)]  # walks on, right
     crossings = [c for i, p in enumerate(path) for c in step([p], i)] + stage.finish()
     assert [c.direction for c in crossings] == ["out"]
