@@ -49,7 +49,7 @@ class LiveView:
         self._latest_raw = latest_raw  # the reader's newest frame, processed or not
         self._cond = threading.Condition()
         self._last: _Processed | None = None
-        self._encoded: tuple[int, bool, bytes] | None = None  # (number, for_stream, jpeg)
+        self._streamed: tuple[int, bytes] | None = None  # (number, jpeg) of the last stream frame
 
     def update(self, image: np.ndarray, tracks: list[TrackedObject], occupancy: dict[str, int]) -> None:
         """A frame was processed (called by the processing thread: references only)."""
@@ -85,13 +85,13 @@ class LiveView:
             p = self._last
             if p is None or p.number <= after:
                 return None
-            cached = self._encoded
-        if cached is not None and cached[0] == p.number and cached[1]:
-            return p.number, cached[2]
+            cached = self._streamed
+        if cached is not None and cached[0] == p.number:
+            return cached
         image = self.annotated(p)
         assert image is not None  # p is a processed frame
         jpeg = encode_jpeg(fit_width(image, STREAM_MAX_WIDTH), self.camera.id)
-        self._encoded = (p.number, True, jpeg)  # a race only costs a second encoding
+        self._streamed = (p.number, jpeg)  # a race only costs a second encoding
         return p.number, jpeg
 
 

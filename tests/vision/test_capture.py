@@ -114,21 +114,20 @@ def test_frame_sampler_is_the_offline_and_the_live_rule(footage, fps):
         wait_for(lambda: reader.state == "ended", 30, message="end of file")
     finally:
         reader.stop()
-    assert picked == offline and len(offline) == len(FrameSamplerCheck.indices(71, 25, fps))
+    assert picked == offline and len(offline) == len(sampled(71, 25, fps))
 
 
-class FrameSamplerCheck:
-    @staticmethod
-    def indices(n: int, src: float, fps: float | None) -> list[int]:
-        sampler = FrameSampler(fps)
-        return [i for i in range(n) if sampler.take(i / src)]
+def sampled(n: int, src: float, fps: float | None) -> list[int]:
+    """The indices of ``n`` frames at ``src`` fps that FrameSampler keeps at ``fps``."""
+    sampler = FrameSampler(fps)
+    return [i for i in range(n) if sampler.take(i / src)]
 
 
 def test_frame_sampler_picks_every_kth_frame_and_restarts_after_a_gap():
-    assert FrameSamplerCheck.indices(10, 10, None) == list(range(10))
-    assert FrameSamplerCheck.indices(10, 10, 5) == [0, 2, 4, 6, 8]
-    assert FrameSamplerCheck.indices(15, 7, 5) == [0, 2, 3, 5, 6, 7, 9, 10, 12, 13, 14]  # PETS09 at --fps 5
-    assert FrameSamplerCheck.indices(10, 10, 30) == list(range(10))  # faster than the source: every frame
+    assert sampled(10, 10, None) == list(range(10))
+    assert sampled(10, 10, 5) == [0, 2, 4, 6, 8]
+    assert sampled(15, 7, 5) == [0, 2, 3, 5, 6, 7, 9, 10, 12, 13, 14]  # PETS09 at --fps 5
+    assert sampled(10, 10, 30) == list(range(10))  # faster than the source: every frame
     sampler = FrameSampler(2)  # a live stream that stops for 3 s and comes back
     assert [sampler.take(t) for t in (0.0, 0.3, 0.5, 0.6, 3.6, 3.8, 4.1)] == [True, False, True, False, True,
                                                                             False, True]
