@@ -272,9 +272,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _for_people(self, path: str) -> bool:
         return self.app.control is not None and (path in ("/", CONFIG_PATH) or camera_route(path) is not None)
 
-    def _browser_allowed(self, close: bool) -> bool:
-        """False once a 403 answered a request from another site or for another host name."""
-        why = foreign_origin(self.headers) or foreign_host(self.headers)
+    def _browser_allowed(self, close: bool, *, for_people: bool = True) -> bool:
+        """False once a 403 answered a request from another site, or (for the page, pictures and
+        config) for another host name."""
+        why = foreign_origin(self.headers) or (foreign_host(self.headers) if for_people else None)
         if why is not None:
             self._answer(403, {"status": "error", "error": why}, close=close)
         return why is None
@@ -341,8 +342,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(404, {"status": "error", "error": "not found"}, close=True)
             return
         # A web page the operator opens may post to loopback too: only same-origin or non-browser clients.
-        if (why := foreign_origin(self.headers)) or (path == CONFIG_PATH and (why := foreign_host(self.headers))):
-            self._answer(403, {"status": "error", "error": why}, close=True)
+        if not self._browser_allowed(True, for_people=self._for_people(path)):
             return
         length = self._body_length()
         if length is None:
