@@ -2,8 +2,8 @@
 # Prepare a fresh Debian/Ubuntu machine for `make demo` / `make test`. Idempotent:
 # every step checks first, so a second run only costs a pip no-op.
 #   - Debian packages mosquitto, stunnel4, openssl, shellcheck, chromium, chromium-driver and
-#     prometheus (for promtool) when their binaries are missing
-#     (the system mosquitto service is NOT started: tests run their own brokers).
+#     prometheus (for promtool) and rabbitmq-server when their binaries are missing
+#     (the system services are NOT started: tests run their own brokers).
 #   - .venv with python3 >= 3.11 and the project installed editable with its test extra
 #     (both sides' extras, agent and bridge, plus the test tools).
 set -euo pipefail
@@ -29,6 +29,8 @@ missing_packages() {
     [ -x /usr/bin/chromedriver ] || pkgs+=(chromium-driver)
     # promtool checks the alert rules and the Grafana dashboard's queries (tests/system/test_alerts.py, test_grafana.py).
     command -v promtool >/dev/null || pkgs+=(prometheus)
+    # The bridge's RabbitMQ sink: tests start private nodes (edge_testkit/rabbitmq.py), never the service.
+    [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || pkgs+=(rabbitmq-server)
     [ ${#pkgs[@]} -eq 0 ] || printf '%s\n' "${pkgs[@]}" | sort -u
 }
 
@@ -41,7 +43,7 @@ install_debian_packages() {
     fi
     echo "setup_env: installing $pkgs"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    # policy-rc.d exit 101 keeps the packages' services (mosquitto, prometheus) from starting on install.
+    # policy-rc.d exit 101 keeps the packages' services (mosquitto, prometheus, rabbitmq) from starting on install.
     local policy=/usr/sbin/policy-rc.d created_policy=0
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null && as_root chmod +x "$policy"
