@@ -40,9 +40,11 @@ class RabbitMqConfig(Strict):
         if not parts.hostname:
             raise ValueError("names no host")
         try:
-            parts.port
+            port = parts.port
         except ValueError as e:
             raise ValueError(f"bad port: {e}") from None
+        if port == 0:
+            raise ValueError("bad port: 0")
         return v
 
     @model_validator(mode="after")
