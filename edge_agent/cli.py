@@ -20,7 +20,8 @@ from edge_agent.common.config import ConfigError
 # Top-level modules of each extra in pyproject.toml (import names, not distribution names).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "agent": ("numpy", "cv2", "onnxruntime", "lap", "diskcache", "watchdog", "json_merge_patch", "tqdm"),
-    "bridge": ("confluent_kafka", "fastapi", "uvicorn"),
+    "bridge": ("confluent_kafka", "pika", "fastapi", "uvicorn"),
+    "consumer": ("confluent_kafka", "psycopg"),
 }
 VISION_MODULES = ("numpy", "cv2", "onnxruntime", "lap", "tqdm")  # what `count` imports
 
@@ -82,6 +83,31 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
     return run_bridge(Path(args.config))
 
 
+def _cmd_consume(args: argparse.Namespace) -> int:
+    require_extra("consumer", "consume", ("confluent_kafka",))
+    if args.from_ts is None and args.to_ts is None:
+        from edge_agent.consumer.daemon import run_consume
+
+        return run_consume(Path(args.config))
+    from edge_agent.consumer.replay import replay_command
+
+    return replay_command(Path(args.config), args.from_ts, args.to_ts)
+
+
+def _cmd_topics(args: argparse.Namespace) -> int:
+    require_extra("consumer", "topics", ("confluent_kafka",))
+    from edge_agent.consumer.topics import ensure_command
+
+    return ensure_command(Path(args.config), dry_run=args.dry_run)
+
+
+def _cmd_counts(args: argparse.Namespace) -> int:
+    require_extra("consumer", "counts", ("psycopg",))
+    from edge_agent.consumer.counts import counts_command
+
+    return counts_command(args)
+
+
 def _cmd_outbox(args: argparse.Namespace) -> int:
     require_extra("agent", "outbox", ("diskcache",))
     from edge_agent.agent.config import load_agent
@@ -113,10 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--config", required=True)
     s.set_defaults(func=_cmd_bridge)
 
-    s = sub.add_parser("check-config", help="validate an agent or bridge config file",
-                       description="Validate an agent or bridge config file as the daemon would read it on "
+    s = sub.add_parser("check-config", help="validate an agent, bridge or consumer config file",
+                       description="Validate an agent, bridge or consumer config file as the daemon would read it on "
                                    "this host: exit 0, or 2 with one 'path: problem' line per problem.")
-    s.add_argument("-c", "--config", required=True, help="the YAML file (agent or bridge: told apart by its keys)")
+    s.add_argument("-c", "--config", required=True, help="the YAML file (agent, bridge or consumer: told apart by its keys)")
     s.add_argument("--env-file", action="append", default=[], metavar="FILE",
                    help="a systemd EnvironmentFile (KEY=VALUE lines) the service gets, e.g. "
                         "/etc/edge-agent/agent.env: its variables count as set for the *_env keys")
@@ -124,6 +150,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not check the files the config names (model, TLS certificates and keys): "
                         "for a config checked away from the host it is meant for")
     s.set_defaults(func=_cmd_check_config)
+
+    s = sub.add_parser("consume", help="a downstream consumer group: the central topics into PostgreSQL or a handler",
+                       description="Consume the central topics as a consumer group and apply each record once "
+                                   "(DESIGN 'Downstream'). With --from/--to: replay that time window with a group "
+                                   "of its own, up to the end offsets seen at the start, then exit.")
+    s.add_argument("-c", "--config", required=True, help="the consumer YAML file (examples/consumer.yaml)")
+    s.add_argument("--from", dest="from_ts", default=None, metavar="TS",
+                   help="replay from this time (RFC 3339, e.g. 2026-12-01T00:00:00Z)")
+    s.add_argument("--to", dest="to_ts", default=None, metavar="TS", help="replay up to this time (default: now)")
+    s.set_defaults(func=_cmd_consume)
+
+    s = sub.add_parser("topics", help="central Kafka topics")
+    topics_sub = s.add_subparsers(dest="topics_command", required=True)
+    t = topics_sub.add_parser("ensure", help="create the central topics and converge their settings",
+                              description="Create the central topics with their partitions, replication and "
+                                          "retention (central_topics in the consumer file; dlq: 7 days, 1-day "
+                                          "segments) and converge the settings of existing ones.")
+    t.add_argument("-c", "--config", required=True, help="the consumer YAML file")
+    t.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    t.set_defaults(func=_cmd_topics)
+
+    s = sub.add_parser("counts", help="print the line counts the consumer stored in PostgreSQL")
+    s.add_argument("-c", "--config", required=True, help="the consumer YAML file (its sink.postgres)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--camera", default=None)
+    s.add_argument("--line", default=None)
+    s.add_argument("--class", dest="class_name", default=None, help="only this class")
+    s.add_argument("--since", default=None, metavar="TS", help="buckets starting at or after (RFC 3339)")
+    s.add_argument("--until", default=None, metavar="TS", help="buckets starting before (RFC 3339)")
+    s.add_argument("--bucket", default=None, metavar="DURATION",
+                   help="sum into buckets of this size (15m, 1h, 1d; whole minutes); default: one total")
+    s.add_argument("--json", action="store_true", help="one line of JSON instead of a table")
+    s.set_defaults(func=_cmd_counts)
 
     s = sub.add_parser("outbox", help="show the outbox: depth, bytes, oldest entry age, per stream")
     s.add_argument("-c", "--config", required=True)

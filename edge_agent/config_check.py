@@ -1,4 +1,4 @@
-"""check-config: tells an agent file from a bridge file and validates it.
+"""check-config: tells an agent, bridge or consumer file apart and validates it.
 
 Beyond the config models (which ``run`` and a remote ``set_config`` apply too), it checks what
 the daemons would meet later on this host: the ``*_env`` secrets (from the environment, or from
@@ -14,10 +14,13 @@ from typing import Any, Literal
 from edge_agent.agent.config import parse_agent
 from edge_agent.bridge.config import parse_bridge
 from edge_agent.common.config import ConfigError, missing_secrets, read_yaml
+from edge_agent.consumer.config import parse_consumer
 
 
-def kind_of(data: dict[str, Any]) -> Literal["agent", "bridge"]:
-    """Agent files name a device; bridge files talk to Kafka."""
+def kind_of(data: dict[str, Any]) -> Literal["agent", "bridge", "consumer"]:
+    """Agent files name a device; consumer files name a sink; bridge files talk to Kafka."""
+    if "sink" in data and "device_id" not in data:
+        return "consumer"
     if "kafka" in data and "device_id" not in data:
         return "bridge"
     return "agent"
@@ -35,7 +38,8 @@ def check_file(path: Path, *, env: Mapping[str, str] | None = None, files: bool 
         return "unknown", e.problems
     kind = kind_of(data)
     try:
-        cfg = parse_bridge(data) if kind == "bridge" else parse_agent(data)
+        parse = {"bridge": parse_bridge, "consumer": parse_consumer}.get(kind, parse_agent)
+        cfg = parse(data)
     except ConfigError as e:
         return kind, e.problems
     return kind, missing_secrets(cfg, env) + (cfg.file_problems() if files else [])

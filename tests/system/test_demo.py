@@ -32,13 +32,13 @@ demo = _load_demo()
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_make_demo_ends_with_counts_in_kafka(footage, model_path) -> None:
+def test_make_demo_ends_with_counts_in_kafka_and_postgres(footage, model_path) -> None:
     footage("PETS09-S2L1")  # skips when the shared clip is missing (the download is not reachable here)
     run = subprocess.run(["make", "demo"], cwd=REPO, capture_output=True, text=True, timeout=850)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     lines = run.stdout.strip().splitlines()
     result = json.loads(lines[-1])
-    assert set(result) == {"frames", "lines", "kafka"}
+    assert set(result) == {"frames", "lines", "kafka", "postgres"}
     assert 700 <= result["frames"] <= 795  # the clip has 795 frames; live pacing may skip a few
     v = result["lines"]["v"]
     assert v["in"] > 0 and v["out"] > 0
@@ -46,6 +46,10 @@ def test_make_demo_ends_with_counts_in_kafka(footage, model_path) -> None:
     # agent.started, camera.online, camera.offline (end of file), agent.stopped
     assert result["kafka"]["camera.events"] >= 4
     assert result["kafka"]["dlq"] == 0
+    # the consumer stored every event once, and its counts are the agent's
+    assert result["postgres"]["counts_match"] is True
+    assert {k: (x["in"], x["out"]) for k, x in result["postgres"]["lines"].items()} == {"v": (v["in"], v["out"])}
+    assert result["postgres"]["events"] >= result["kafka"]["camera.events"]
     assert any("crossed line v" in line for line in lines), "no live view of crossings"
 
 

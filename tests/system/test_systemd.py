@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-UNITS = ["edge-agent.service", "edge-bridge.service"]
+UNITS = ["edge-agent.service", "edge-bridge.service", "edge-consumer.service"]
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
 
