@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edge_agent import __version__
 from edge_agent.bridge.config import BridgeConfig
 from edge_agent.bridge.queue_admin import QueueAdminError, RetryResult, TopicStatus
+from edge_agent.bridge.supervisor import merged_exposition
 from edge_agent.common import metrics
 from edge_agent.common.config import env_secret, problem_lines
 from edge_agent.common.envelope import Envelope, build, encode
@@ -293,7 +294,7 @@ def create_app(backend: QueueBackend, inspector: QueueInspector | None = None, *
     @app.get("/metrics", summary="Prometheus text exposition", response_class=Response)
     def prometheus_metrics() -> Response:
         lag_exporter.on_scrape()
-        body, ctype = metrics.exposition()
+        body, ctype = merged_exposition() or metrics.exposition()  # workers: N merges every process's
         return Response(content=body, media_type=ctype)
 
     @app.post("/api/v1/queue/publish", response_model=PublishResponse,

@@ -21,10 +21,12 @@ from edge_agent.common.envelope import MAX_MESSAGE_BYTES
 from edge_agent.common.wire import STREAMS
 
 
+MAX_WORKERS = 64
+
+
 class BridgeMqttConfig(MqttConfig):
     share_group: str = Field("bridge", pattern=r"^[^#+/]+$")
-    client_id: str = "bridge-1"
-    receive_maximum: int = Field(1000, ge=1, le=65535)
+    client_id: str = "bridge-1"  # worker 1's; worker i's is "<client_id>-w<i>" (worker_client_id)
 
 
 class SaslConfig(Strict):
@@ -84,6 +86,7 @@ class BridgeConfig(Strict):
     ack_interval_ms: float = Field(50.0, gt=0)
     ack_batch: int = Field(500, ge=1)
     stall_timeout_s: float = Field(10.0, gt=0)  # no delivery report while records queued: new producer
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)  # worker processes, one MQTT session each, one share group
     log: LogConfig = LogConfig()
 
     _parse_size = field_validator("max_message_bytes", mode="before")(lambda cls, v: parse_bytes(v))
@@ -92,6 +95,14 @@ class BridgeConfig(Strict):
         """TLS files this config names that the bridge could not read (check-config)."""
         problems = self.mqtt.tls.file_problems("mqtt.tls") if self.mqtt.tls else []
         return problems + (self.kafka.ssl.file_problems("kafka.ssl") if self.kafka.ssl else [])
+
+
+def worker_client_id(client_id: str, workers: int, index: int) -> str:
+    """The MQTT client id of worker ``index`` (0-based): the first keeps ``client_id``, so a
+    bridge going from one worker to several keeps its session."""
+    if not 0 <= index < workers:
+        raise ValueError(f"worker index {index} out of range for {workers} workers")
+    return client_id if index == 0 else f"{client_id}-w{index + 1}"
 
 
 def parse_bridge(data: dict[str, Any]) -> BridgeConfig:

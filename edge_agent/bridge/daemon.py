@@ -1,22 +1,33 @@
-"""``edge-agent bridge -c bridge.yaml``: the bridge daemon, its HTTP API thread and systemd."""
+"""``edge-agent bridge -c bridge.yaml``: the bridge daemon, its HTTP API thread and systemd.
+
+With ``workers: N`` above 1 it also supervises workers 2..N (``supervisor``). Nothing here
+imports the metrics at module level: multiprocess metrics must be set up before that.
+"""
 
 from __future__ import annotations
 
-import gc
 import logging
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from edge_agent.bridge.config import load_bridge
-from edge_agent.bridge.worker import Bridge
+from edge_agent.bridge.config import BridgeConfig, load_bridge
+from edge_agent.bridge.supervisor import (
+    WorkerProcesses,
+    freeze_startup_heap,
+    multiprocess_metrics,
+    remove_metrics_dir,
+)
 from edge_agent.common import logs
 from edge_agent.common.config import ConfigError, missing_secrets
 from edge_agent.common.supervised import SupervisedThread
 from edge_agent.common.systemd import notify
+
+if TYPE_CHECKING:
+    from edge_agent.bridge.worker import Bridge
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +85,21 @@ def run_bridge(path: Path) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # first: a SIGTERM during start-up still drains
         signal.signal(sig, lambda *_: stop.set())
-    bridge = Bridge(cfg)
+    metrics_dir = multiprocess_metrics() if cfg.workers > 1 else None
+    try:
+        return _serve(cfg, stop)
+    finally:
+        if metrics_dir is not None:
+            remove_metrics_dir(metrics_dir)
+
+
+def _serve(cfg: BridgeConfig, stop: threading.Event) -> int:
+    from edge_agent.bridge.worker import Bridge
+
+    bridge = Bridge(cfg)  # worker 1; the HTTP API publishes through it
     bridge.start()
+    children = WorkerProcesses(cfg, bridge.parts)
+    children.start()
     stop_http = serve_http(bridge)
     freeze_startup_heap()
     notify("READY=1")
@@ -87,15 +111,11 @@ def run_bridge(path: Path) -> int:
             log.error("dead for good: %s; withholding the watchdog ping", ", ".join(bridge.parts.dead()))
     notify("STOPPING=1")
     log.info("signal received: draining")
-    bridge.stop(timeout=20)  # inside the unit's TimeoutStopSec=30, with room to disconnect
+    # Every worker drains at once: children on SIGTERM, worker 1 here, inside the unit's
+    # TimeoutStopSec=30 with room to disconnect.
+    stopping = threading.Thread(target=children.stop, name="stop-workers")
+    stopping.start()
+    bridge.stop(timeout=20)
+    stopping.join()
     stop_http()
     return 0
-
-
-def freeze_startup_heap() -> None:
-    """Leave what start-up allocated (modules, pydantic and FastAPI schemas) out of every later GC pass.
-
-    Those objects live as long as the process; a full collection walked all of them and
-    stopped every thread, which showed as the bridge's latency tail (docs/bridge.md).
-    """
-    gc.freeze()

@@ -17,9 +17,9 @@ give up the GIL (up to the interpreter's switch interval), which capped the drai
 rate and made the latency tail. In one thread the reports cost no hand-over. While
 Kafka owes reports, the loop waits on the MQTT socket for at most
 ``KAFKA_WAIT_S`` at a time (a message wakes it at once). The HTTP API's thread
-only calls ``submit`` (``Producer.produce`` is thread-safe). The MQTT socket is
-read and written in chunks (``mqtt_transport``): paho's own reads and writes
-were a system call per packet field. docs/bridge.md has the measurements.
+only calls ``submit`` (``Producer.produce`` is thread-safe). The MQTT side speaks 3.1.1
+through paho's external event loop API: paho parses a v5 PUBLISH with a properties
+object per message, the slow part of a v5 bridge (docs/bridge.md has the measurements).
 
 Policy for failures (see README "The bridge" and ``retry``):
 
@@ -35,6 +35,7 @@ Policy for failures (see README "The bridge" and ``retry``):
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from concurrent.futures import Future
@@ -43,9 +44,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from confluent_kafka import KafkaError, KafkaException
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.bridge.config import BridgeConfig
 from edge_agent.bridge.inflight import (
@@ -57,7 +55,6 @@ from edge_agent.bridge.inflight import (
     Record,
 )
 from edge_agent.bridge.kafka import dlq_headers, producer_config
-from edge_agent.bridge.mqtt_transport import BufferedClient
 from edge_agent.bridge.producer import ProducerSupervisor, close_producer
 from edge_agent.bridge.retry import RetryHeap, plan_after_failure
 from edge_agent.bridge.validate import Accepted, Rejected, classify
@@ -196,21 +193,20 @@ class Bridge:
 
     def _new_mqtt_client(self) -> mqtt.Client:
         m = self._cfg.mqtt
-        client = BufferedClient(mqtt.CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv5,
-                                manual_ack=True)
+        # MQTT 3.1.1, persistent session: the broker queues while we are away, until its
+        # persistent_client_expiration; its max_inflight_messages is the window it sends ahead.
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv311,
+                             clean_session=False, manual_ack=True)
         configure_transport(client, m)
         client.max_inflight_messages_set(1000)  # our own QoS 1 publishes: the e2e acks
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        # With this hook set, paho queues the PUBACKs and e2e acks we hand it and the loop
-        # writes them in one go, instead of one send() per packet as they are made.
+        # With this hook set, paho queues the PUBACKs and e2e acks we hand it and our loop
+        # writes them once per pass (paho's external event loop API), not as each is made.
         client.on_socket_register_write = lambda *_: None
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = m.session_expiry_s
-        props.ReceiveMaximum = m.receive_maximum
-        client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=False, properties=props)
+        client.connect_async(m.host, m.port, keepalive=m.keepalive_s)
         return client
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, flags: Any, reason: Any, _props: Any) -> None:
@@ -220,7 +216,7 @@ class Bridge:
         with self._lock:
             self._conn += 1
             self._mqtt_connected = True
-        client.subscribe(self.subscription, options=SubscribeOptions(qos=1))
+        client.subscribe(self.subscription, qos=1)
         log.info("MQTT connected (session present: %s)", flags.session_present, extra={"topic": self.subscription})
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
@@ -300,22 +296,38 @@ class Bridge:
         Handling messages in batches takes the lock, the metrics and the wake-ups once per
         batch instead of once per message: a backlog drains at the speed of the wire.
         """
-        rc = self._client.loop(timeout=wait_s)
+        rc = self._io(wait_s)
         limit = min(MAX_READ_BATCH, self._cfg.max_inflight - self._inflight)
         # Count messages, not calls: one loop_read() reads as many packets as we have QoS 1
         # publishes unconfirmed (the e2e acks), so counting calls let batches grow far too big.
-        # Read on only from what is buffered: a recv() that finds nothing is a system call
-        # per message at low rates, and bytes still in the kernel wake the next select at once.
-        while rc == mqtt.MQTT_ERR_SUCCESS and len(self._incoming) < limit and self._buffered():
+        while rc == mqtt.MQTT_ERR_SUCCESS and 0 < len(self._incoming) < limit:
             before = len(self._incoming)
             rc = self._client.loop_read()
             if len(self._incoming) == before:
-                break  # nothing more buffered (or a non-PUBLISH packet): back to select
+                break  # nothing more to read (or a non-PUBLISH packet): back to select
         return rc
 
-    def _buffered(self) -> bool:
-        sock = self._client.socket()
-        return bool(sock is not None and sock.pending() > 0)
+    def _io(self, timeout: float) -> mqtt.MQTTErrorCode:
+        """One pass of paho's external event loop: wait (at most timeout) for the socket, read, write, ping.
+
+        (paho's loop() also writes a byte to a wake-up socket pair for every packet queued.)
+        """
+        client = self._client
+        sock = client.socket()
+        if sock is None:
+            return mqtt.MQTT_ERR_NO_CONN
+        buffered = sock.pending() if hasattr(sock, "pending") else 0  # TLS: decrypted, unread
+        try:
+            readable, writable, _ = select.select([sock], [sock] if client.want_write() else [], [],
+                                                  0 if buffered else timeout)
+        except (OSError, ValueError):  # closed under us (fileno -1)
+            return mqtt.MQTT_ERR_CONN_LOST
+        rc = client.loop_read() if readable or buffered else mqtt.MQTT_ERR_SUCCESS
+        if rc == mqtt.MQTT_ERR_SUCCESS and (writable or client.want_write()):
+            rc = client.loop_write()
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            rc = client.loop_misc()
+        return rc
 
     def _connect_once(self) -> bool:
         """One connection attempt, waiting (bounded) for the CONNACK while serving Kafka."""
@@ -326,7 +338,7 @@ class Bridge:
             return False
         deadline = time.monotonic() + 10
         while not self._mqtt_connected and time.monotonic() < deadline and self._phase == _RUNNING:
-            if self._client.loop(timeout=0.1) not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+            if self._io(0.1) not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
                 return False
             self._serve_kafka()
         return self._mqtt_connected
@@ -334,14 +346,14 @@ class Bridge:
     def _disconnect(self) -> None:
         """Send what is queued, wait (bounded) for the broker to take the e2e acks, then DISCONNECT.
 
-        Reading again here matters: the broker's receive maximum (20 for Mosquitto) caps our
-        unconfirmed e2e acks, and paho holds the rest back until PUBACKs come in. Messages that
+        Reading again here matters: paho holds back our e2e acks beyond its max_inflight_messages
+        until PUBACKs come in. Messages that
         arrive meanwhile are left unacked (we are stopping) and come back to the next session.
         """
         deadline = time.monotonic() + 3
         while self._mqtt_connected and time.monotonic() < deadline and (
                 self._client.want_write() or any(not info.is_published() for info in self._e2e_sent)):
-            if self._client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+            if self._io(0.05) != mqtt.MQTT_ERR_SUCCESS:
                 break
         if any(not info.is_published() for info in self._e2e_sent):
             log.warning("stopping before the broker took every e2e ack: those devices will send again")

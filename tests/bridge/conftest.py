@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from edge_agent.bridge.config import BridgeConfig
+from edge_testkit.mqtt import ExternalMqtt, MosquittoBroker
+from edge_testkit.processes import parse_host_port
+
+# The bridge speaks MQTT 3.1.1: the broker's max_inflight_messages is the window it sends ahead
+# (Mosquitto's default, 20, would cap the drain); as docs/bridge-reference.md asks of a deployment.
+BRIDGE_BROKER_CONF = "max_inflight_messages 1000\n"
+
+
+@pytest.fixture
+def mosquitto(mosquitto: Callable[..., MosquittoBroker]) -> Callable[..., MosquittoBroker]:
+    """The suite's factory, with the broker setting a bridge deployment has."""
+    def factory(**kwargs: Any) -> MosquittoBroker:
+        kwargs["extra_conf"] = BRIDGE_BROKER_CONF + kwargs.get("extra_conf", "")
+        return mosquitto(**kwargs)
+    return factory
+
+
+@pytest.fixture
+def mqtt_broker(request: pytest.FixtureRequest) -> MosquittoBroker | ExternalMqtt:
+    """A plain anonymous broker set up as for a bridge (or EDGE_TEST_MQTT's, which must be)."""
+    external = os.environ.get("EDGE_TEST_MQTT")
+    if external:
+        return ExternalMqtt(*parse_host_port(external))
+    return request.getfixturevalue("mosquitto")()
 
 
 @pytest.fixture
