@@ -18,10 +18,10 @@ from edge_agent.consumer.config import parse_consumer
 
 
 def kind_of(data: dict[str, Any]) -> Literal["agent", "bridge", "consumer"]:
-    """Agent files name a device; consumer files name a sink; bridge files talk to Kafka."""
+    """Agent files name a device; consumer files name a sink; bridge files talk to Kafka or RabbitMQ."""
     if "sink" in data and "device_id" not in data:
         return "consumer"
-    if "kafka" in data and "device_id" not in data:
+    if ("kafka" in data or "rabbitmq" in data) and "device_id" not in data:
         return "bridge"
     return "agent"
 

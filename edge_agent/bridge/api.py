@@ -63,7 +63,7 @@ class QueueBackend(Protocol):
 
 
 class QueueInspector(Protocol):
-    """Kafka-side reads and the DLQ retry (``queue_admin.KafkaQueueAdmin`` in production)."""
+    """Broker-side reads and the DLQ retry (``queue_admin.KafkaQueueAdmin`` or ``rabbitmq_admin.RabbitQueueAdmin``)."""
 
     def status(self, topics: list[str]) -> list[TopicStatus]: ...
 
@@ -230,6 +230,10 @@ def dead_letter_source_resolver(cfg: BridgeConfig) -> Callable[[str], str | None
 
 
 def _default_inspector(cfg: BridgeConfig) -> QueueInspector:
+    if cfg.rabbitmq is not None:
+        from edge_agent.bridge.rabbitmq_admin import RabbitQueueAdmin
+
+        return RabbitQueueAdmin(cfg.rabbitmq, source_topic=dead_letter_source_resolver(cfg))
     from edge_agent.bridge.kafka import (
         kafka_client_config,  # the bridge's librdkafka settings, security included
     )

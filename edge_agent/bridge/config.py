@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from edge_agent.bridge.rabbitmq_config import RabbitMqConfig
 from edge_agent.common.config import (
     HttpConfig,
     LogConfig,
@@ -52,7 +53,7 @@ class KafkaConfig(Strict):
 class RetryConfig(Strict):
     max_attempts: int = Field(5, ge=1)
     delay_s: float = Field(2.0, ge=0)
-    backoff: Literal["exponential", "fixed"] = "exponential"
+    backoff: Literal["exponential", "linear", "fixed"] = "exponential"
     max_delay_s: float = Field(60.0, ge=0)
 
 
@@ -74,7 +75,9 @@ class BridgeHttpConfig(HttpConfig):
 
 class BridgeConfig(Strict):
     mqtt: BridgeMqttConfig = BridgeMqttConfig()
+    # The central broker: kafka (the default) or rabbitmq, never both (DESIGN "Configuration file").
     kafka: KafkaConfig = KafkaConfig()
+    rabbitmq: RabbitMqConfig | None = None
     retry: RetryConfig = RetryConfig()
     dlq: DlqConfig = DlqConfig()
     http: BridgeHttpConfig = BridgeHttpConfig()
@@ -91,9 +94,25 @@ class BridgeConfig(Strict):
 
     _parse_size = field_validator("max_message_bytes", mode="before")(lambda cls, v: parse_bytes(v))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_central_broker(cls, data: Any) -> Any:
+        # A dumped config carries both keys (kafka at its defaults, or rabbitmq: null): only a
+        # rabbitmq section beside a kafka section that says something is two brokers.
+        if isinstance(data, dict) and data.get("rabbitmq") is not None and data.get("kafka") not in (None, {}):
+            if not isinstance(data["kafka"], dict) or KafkaConfig.model_validate(data["kafka"]) != KafkaConfig():
+                raise ValueError("name one central broker: a kafka section or a rabbitmq section, not both")
+        return data
+
+    @property
+    def broker(self) -> Literal["kafka", "rabbitmq"]:
+        return "rabbitmq" if self.rabbitmq is not None else "kafka"
+
     def file_problems(self) -> list[str]:
         """TLS files this config names that the bridge could not read (check-config)."""
         problems = self.mqtt.tls.file_problems("mqtt.tls") if self.mqtt.tls else []
+        if self.rabbitmq is not None:
+            return problems + self.rabbitmq.file_problems()
         return problems + (self.kafka.ssl.file_problems("kafka.ssl") if self.kafka.ssl else [])
 
 

@@ -34,6 +34,7 @@ from pika.adapters.select_connection import SelectConnection
 from edge_agent.bridge.rabbitmq_config import RabbitMqConfig
 from edge_agent.bridge.sink import Delivered, Report, SendError
 from edge_agent.common.backoff import Backoff
+from edge_agent.common.supervised import SupervisedThread
 
 log = logging.getLogger(__name__)
 # pika logs every failed connection attempt at ERROR with its stack; the sink says it once, through
@@ -96,7 +97,12 @@ class _Pending:
 
 
 class RabbitSink:
-    """Publishes to the configured exchanges with confirms; see the module docstring for the rules."""
+    """Publishes to the configured exchanges with confirms; see the module docstring for the rules.
+
+    ``part`` is its I/O thread as a supervised part: the owner adds it to its health and starts it.
+    """
+
+    name = "rabbitmq"
 
     def __init__(self, cfg: RabbitMqConfig, *, on_outage: Callable[[str], None] = lambda _m: None):
         self._cfg = cfg
@@ -116,16 +122,16 @@ class RabbitSink:
         self.connected = False
         self.blocked = False
         self.last_error = ""
-        self._thread = threading.Thread(target=self._io_main, name="rabbitmq-io", daemon=True)
+        # A crash of the I/O loop loses nothing: what it had not confirmed is reported as lost
+        # (_lose_unconfirmed), what it had not published is still handed; the restart reconnects.
+        self.part = SupervisedThread("rabbitmq-io", self._io_main, on_restart=self._after_crash)
 
     # --- the caller's side ---------------------------------------------------------------
 
     def start(self) -> "RabbitSink":
-        self._thread.start()
+        """Start the I/O thread (for a sink used without a health registry: tests, benchmarks)."""
+        self.part.start()
         return self
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
 
     def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]], report: Report,
              *, correlation_id: str | None = None) -> None:
@@ -158,16 +164,30 @@ class RabbitSink:
         with self._lock:
             return len(self._handed) + len(self._unconfirmed)
 
+    def maintain(self, now: float) -> None:
+        """Nothing to do on the caller's thread: the I/O thread watches its own confirms."""
+
+    def health(self) -> dict[str, Any]:
+        return {"connected": self.connected, "blocked": self.blocked, "queued": self.queued(),
+                **({"error": self.last_error} if self.last_error and not self.connected else {})}
+
     def close(self, timeout: float = 5.0) -> None:
         self._stopping.set()
         with self._lock:
             conn = self._conn
         if conn is not None:
             self._call_in_io(conn, lambda: self._close_connection(conn))
-        self._thread.join(timeout)
+        self.part.stop_restarting()
+        self.part.join(timeout)
         self._fail_all_handed()
 
     # --- the I/O thread ---------------------------------------------------------------------
+
+    def _after_crash(self) -> None:
+        with self._lock:
+            self._conn, self._flush_due = None, False
+        self._lose_unconfirmed()
+        self._ready_once_and_reset()
 
     def _io_main(self) -> None:
         backoff = Backoff(0.2, 5.0)
@@ -327,13 +347,13 @@ class RabbitSink:
         """The connection is gone: whatever it did not confirm goes back to the caller, not counted."""
         lost, self._unconfirmed = self._unconfirmed, {}
         for item in lost.values():
-            self._report(item.report, SendError(_LOST, records_fault=False, at_once=True), None)
+            self._report(item.report, SendError(_LOST, records_fault=False, retry_after=0.0), None)
 
     def _fail_all_handed(self) -> None:
         with self._lock:
             handed, self._handed = self._handed, deque()
         for item in handed:
-            self._report(item.report, SendError("the RabbitMQ sink is closed", records_fault=False, at_once=True), None)
+            self._report(item.report, SendError("the RabbitMQ sink is closed", records_fault=False, retry_after=0.0), None)
 
     def _report(self, report: Report, err: SendError | None, where: Delivered | None) -> None:
         self._reports.append((report, err, where))

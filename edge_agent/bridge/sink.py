@@ -10,7 +10,10 @@ record is sent again and never dead-lettered because the broker was away).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:
+    from edge_agent.bridge.config import BridgeConfig
 
 
 @dataclass(frozen=True)
@@ -18,7 +21,7 @@ class SendError:
     text: str
     records_fault: bool  # counts as an attempt (False: an outage, the record waits for the broker)
     retriable: bool = True  # only for records_fault: may succeed if sent again (else dead-letter at once)
-    at_once: bool = False  # an outage report for a record that may go again without waiting (purged)
+    retry_after: float | None = None  # an outage's own wait before sending again (None: the policy's)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ Report = Callable[[SendError | None, Delivered | None], None]
 
 
 class Sink(Protocol):
+    name: str  # "kafka" or "rabbitmq": the key of its state in health
     connected: bool
 
     def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]], report: Report) -> None:
@@ -48,5 +52,22 @@ class Sink(Protocol):
     def queued(self) -> int:
         """Records handed over and not yet reported."""
 
+    def maintain(self, now: float) -> None:
+        """The caller's periodic look after the connection (Kafka: replace a stalled producer)."""
+
+    def health(self) -> dict[str, Any]:
+        """What ``/healthz`` and ``/api/v1/status`` show of the broker (``connected`` at least)."""
+
     def close(self) -> None:
         """Stop; records not yet confirmed are reported as outages by the next ``poll``."""
+
+
+def open_sink(cfg: BridgeConfig, *, on_outage: Callable[[str], None]) -> Sink:
+    """The sink of the broker the bridge file names; each imports its client library only when chosen."""
+    if cfg.rabbitmq is not None:
+        from edge_agent.bridge.rabbitmq import RabbitSink
+
+        return RabbitSink(cfg.rabbitmq, on_outage=on_outage)
+    from edge_agent.bridge.kafka_sink import KafkaSink
+
+    return KafkaSink(cfg.kafka, cfg.stall_timeout_s, max_message_bytes=cfg.max_message_bytes, on_outage=on_outage)

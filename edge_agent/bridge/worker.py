@@ -1,4 +1,7 @@
-"""The MQTT -> Kafka bridge's worker (``edge-agent bridge -c bridge.yaml``).
+"""The MQTT -> Kafka (or RabbitMQ) bridge's worker (``edge-agent bridge -c bridge.yaml``).
+
+The central broker is behind ``sink.Sink`` (``kafka_sink``, ``rabbitmq``): the loop below
+says "Kafka" for it, and means whichever the file names; its reports run in this loop either way.
 
 One worker thread owns both clients and runs one loop:
 
@@ -43,7 +46,6 @@ from functools import partial
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from confluent_kafka import KafkaError, KafkaException
 
 from edge_agent.bridge.config import BridgeConfig
 from edge_agent.bridge.inflight import (
@@ -54,9 +56,9 @@ from edge_agent.bridge.inflight import (
     RecentIds,
     Record,
 )
-from edge_agent.bridge.kafka import dlq_headers, producer_config
-from edge_agent.bridge.producer import ProducerSupervisor, close_producer
+from edge_agent.bridge.kafka import dlq_headers
 from edge_agent.bridge.retry import RetryHeap, plan_after_failure
+from edge_agent.bridge.sink import Delivered, SendError, open_sink
 from edge_agent.bridge.validate import Accepted, Rejected, classify
 from edge_agent.common import logs
 from edge_agent.common.backoff import Backoff
@@ -86,7 +88,6 @@ log = logging.getLogger(__name__)
 # A too-large message cannot go to Kafka whole; its dead letter keeps this much.
 TOO_LARGE_KEEP_BYTES = 64 * 1024
 MAX_READ_BATCH = 64  # read this many, then hand them to Kafka: batches amortise locks, small ones keep Kafka busy
-BUFFER_FULL_RETRY_S = 0.05  # librdkafka's queue was full: produce again this soon
 
 _RUNNING, _DRAINING = "running", "draining"
 # While Kafka owes delivery reports, serve them at least this often. It also paces reading:
@@ -115,25 +116,27 @@ class Bridge:
         self._conn = 0  # MQTT connection number: mids of older connections are not ours to ack
         self._mqtt_connected = False
         self._outage_logged_at = 0.0
-        producer_cfg = producer_config(cfg.kafka)
-        producer_cfg.setdefault("message.max.bytes", max(1_000_000, cfg.max_message_bytes + 65536))
-        self._kafka = ProducerSupervisor(producer_cfg, cfg.stall_timeout_s, on_outage=self._log_outage)
+        self._sink = open_sink(cfg, on_outage=self._log_outage)  # Kafka or RabbitMQ (sink.py)
         self._client = self._new_mqtt_client()
         # The long-lived parts, for /healthz and the watchdog (serve_http adds "http").
         self.parts = Health()
         self._worker = SupervisedThread("bridge-worker", self._run, on_restart=self._after_crash,
                                         backoff_min_s=restart_backoff_s, max_restarts=max_restarts)
         self.parts.add(self._worker)
+        if (io := getattr(self._sink, "part", None)) is not None:
+            self.parts.add(io)  # the RabbitMQ sink's I/O thread
         self._reconnect_at = 0.0
         self._reconnect_backoff = Backoff(cfg.mqtt.reconnect_min_s, cfg.mqtt.reconnect_max_s)
         # Filled by callbacks, emptied in batches by the loop: messages read, delivery reports.
         self._incoming: list[tuple[str, bytes, int]] = []
-        self._reports: list[tuple[Record, KafkaError | None, Any]] = []
+        self._reports: list[tuple[Record, SendError | None, Delivered | None]] = []
         self._e2e_sent: list[mqtt.MQTTMessageInfo] = []  # e2e acks the broker has not confirmed yet
 
     # --- public --------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if (io := getattr(self._sink, "part", None)) is not None:
+            io.start()
         self._worker.start()
         log.info("bridge started", extra={"topic": self.subscription})
 
@@ -166,7 +169,7 @@ class Bridge:
         """What is connected, what is in flight, and each long-lived part's state (``dead``: given up)."""
         with self._lock:
             out: dict[str, Any] = {"mqtt": {"connected": self._mqtt_connected},
-                                   "kafka": {"connected": self._kafka.connected},
+                                   self._sink.name: self._sink.health(),
                                    "inflight": self._inflight + self._api_pending}
         out["parts"] = self.parts.report()
         out["dead"] = self.parts.dead()
@@ -185,7 +188,7 @@ class Bridge:
             unsettled = self._inflight + self._api_pending
         if unsettled:
             log.warning("stopping with %d messages unsettled: the broker will deliver them again", unsettled)
-        self._kafka.close()
+        self._sink.close()
         log.info("bridge stopped", extra={"topic": self.subscription})
         return unsettled == 0
 
@@ -231,7 +234,7 @@ class Bridge:
     def _run(self) -> None:
         """The worker: serve Kafka, read MQTT (while there is room), repeat; once stopping, drain and disconnect."""
         while not (self._phase != _RUNNING and (self._settled() or time.monotonic() >= self._drain_deadline)):
-            self._serve_kafka()
+            self._serve_broker()
             if not self._mqtt_connected:
                 self._connect_when_due()
                 continue
@@ -240,14 +243,14 @@ class Bridge:
                 self._handle_incoming()
             else:
                 # Full (or draining): do not read; wait for delivery reports, keep writing acks and pings.
-                self._kafka.producer.poll(0.01)
+                self._sink.poll(0.01)
                 rc = self._client.loop_write()
                 if rc == mqtt.MQTT_ERR_SUCCESS:
                     rc = self._client.loop_misc()
             if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
                 with self._lock:
                     self._mqtt_connected = False
-        self._serve_kafka()  # the last reports, and their e2e acks
+        self._serve_broker()  # the last reports, and their e2e acks
         self._publish_e2e_acks()
         self._disconnect()
 
@@ -272,7 +275,7 @@ class Bridge:
 
     def _mqtt_wait_s(self) -> float:
         """How long the loop may wait for MQTT: briefly while Kafka owes reports, else until due work."""
-        if self._kafka.queued() > 0 and self._kafka.connected:
+        if self._sink.queued() > 0 and self._sink.connected:
             return KAFKA_WAIT_S
         now = time.monotonic()
         with self._lock:
@@ -283,7 +286,7 @@ class Bridge:
         """Reconnect with exponential backoff; until it is time (or while stopping), serve Kafka."""
         now = time.monotonic()
         if self._phase != _RUNNING or now < self._reconnect_at:
-            self._kafka.producer.poll(min(IDLE_WAIT_S, max(0.0, self._reconnect_at - now)))
+            self._sink.poll(min(IDLE_WAIT_S, max(0.0, self._reconnect_at - now)))
             return
         if self._connect_once():
             self._reconnect_backoff.reset()
@@ -340,7 +343,7 @@ class Bridge:
         while not self._mqtt_connected and time.monotonic() < deadline and self._phase == _RUNNING:
             if self._io(0.1) not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
                 return False
-            self._serve_kafka()
+            self._serve_broker()
         return self._mqtt_connected
 
     def _disconnect(self) -> None:
@@ -454,23 +457,17 @@ class Bridge:
         if device is not None and seq is not None:
             self._acks.add(device, seq, now)
 
-    # --- Kafka side ----------------------------------------------------------------------------
+    # --- the central broker's side (sink.py: Kafka or RabbitMQ) --------------------------------
 
     def _send(self, rec: Record) -> None:
-        """Hand a record to the producer. Lock held."""
-        try:
-            self._kafka.producer.produce(rec.topic, rec.value, rec.key, headers=rec.headers,
-                                         on_delivery=partial(self._on_delivery, rec))
-        except BufferError:  # librdkafka's queue is full: not the record's fault, try shortly
-            self._schedule(rec, BUFFER_FULL_RETRY_S)
-        except KafkaException as e:  # refused before sending (e.g. larger than message.max.bytes)
-            self._failed(rec, e.args[0])
+        """Hand a record to the broker's sink; its report comes back through ``_on_delivery``. Lock held."""
+        self._sink.send(rec.topic, rec.key, rec.value, rec.headers, partial(self._on_delivery, rec))
 
     def _schedule(self, rec: Record, delay: float) -> None:
         self._retries.schedule(rec, time.monotonic() + delay)
 
-    def _on_delivery(self, rec: Record, err: KafkaError | None, msg: Any) -> None:
-        self._reports.append((rec, err, msg))  # handled in a batch once poll() returns
+    def _on_delivery(self, rec: Record, err: SendError | None, where: Delivered | None) -> None:
+        self._reports.append((rec, err, where))  # handled in a batch once poll() returns
 
     def _handle_reports(self) -> None:
         if not self._reports:
@@ -479,10 +476,10 @@ class Bridge:
         now = time.monotonic()
         produced: dict[str, int] = {}
         with self._lock:
-            for rec, err, msg in reports:
+            for rec, err, where in reports:
                 try:
                     if err is None:
-                        self._confirmed(rec, msg, now, produced)
+                        self._confirmed(rec, where, now, produced)
                     else:
                         self._failed(rec, err)
                 except Exception:  # noqa: BLE001 - a bug of ours must not drop the other reports of the batch
@@ -503,8 +500,7 @@ class Bridge:
         self._inflight -= len(rec.mids)
         rec.mids = []
 
-    def _confirmed(self, rec: Record, msg: Any, now: float, produced: dict[str, int]) -> None:
-        self._kafka.delivered(now)
+    def _confirmed(self, rec: Record, where: Delivered | None, now: float, produced: dict[str, int]) -> None:
         if rec.dead is None:
             produced[rec.topic] = produced.get(rec.topic, 0) + 1
             BRIDGE_DELIVERY_SECONDS.observe(now - rec.received)
@@ -516,12 +512,12 @@ class Bridge:
         if rec.future is not None:
             self._api_pending -= 1
             if rec.dead is None:
-                rec.future.set_result({"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()})
+                rec.future.set_result(where.as_dict() if where else {"topic": rec.topic})
             else:
                 rec.future.set_exception(rec.dead_lettered())
         self._settle_mqtt(rec.mids, rec.device, rec.seq, now)
 
-    def _failed(self, rec: Record, err: KafkaError) -> None:
+    def _failed(self, rec: Record, err: SendError) -> None:
         """A delivery failed: send again, back off, or dead-letter. Lock held."""
         BRIDGE_RETRIES.labels(rec.topic).inc()
         plan = plan_after_failure(err, rec.attempts, rec.dead is not None, self._cfg.retry)
@@ -529,12 +525,12 @@ class Bridge:
             rec.attempts += 1
             rec.first_failed_at = rec.first_failed_at or utc_now_iso()
         if plan.action == "dead_letter":
-            self._to_dlq(rec, plan.reason, str(err))
+            self._to_dlq(rec, plan.reason, err.text)
             return
         if not plan.counts:
-            self._log_outage(f"record to {rec.topic} not delivered ({err}); sending again")
+            self._log_outage(f"record to {rec.topic} not delivered ({err.text}); sending again")
         elif rec.dead is not None:
-            log.error("dead letter to %s refused (%s), attempt %d", rec.topic, err, rec.attempts)
+            log.error("dead letter to %s refused (%s), attempt %d", rec.topic, err.text, rec.attempts)
         self._schedule(rec, plan.delay)
 
     def _to_dlq(self, rec: Record, reason: str, error: str) -> None:
@@ -555,9 +551,9 @@ class Bridge:
             self._outage_logged_at = now
             log.warning(text)
 
-    def _serve_kafka(self) -> None:
+    def _serve_broker(self) -> None:
         """Everything the loop owes Kafka: reports, due retries, due e2e acks, the stall watchdog."""
-        self._kafka.producer.poll(0)
+        self._sink.poll(0)
         self._handle_reports()
         self._resend_due()
         if self._acks.due_in(time.monotonic()) == 0:
@@ -580,15 +576,9 @@ class Bridge:
                                                        encode_ack(ranges), qos=1))
 
     def _watch_for_stall(self) -> None:
-        """Replace the producer when it failed for good or stopped delivering (``ProducerSupervisor``)."""
-        if self._kafka.needs_replacing(time.monotonic()):
-            self._replace_producer()
-
-    def _replace_producer(self) -> None:
-        with self._lock:
-            old = self._kafka.swap()
-        # Purged records come back through _failed and go to the new producer at once.
-        close_producer(old)
+        """The sink's look after its connection (Kafka: a stalled producer is replaced, its purged
+        records come back as reports and go to the new one at once)."""
+        self._sink.maintain(time.monotonic())
         self._handle_reports()
 
 

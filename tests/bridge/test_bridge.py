@@ -17,7 +17,9 @@ from edge_agent.bridge import validate
 from edge_agent.bridge.config import BridgeConfig, KafkaConfig, RetryConfig
 from edge_agent.bridge.inflight import AckBatcher, RecentIds
 from edge_agent.bridge.kafka import kafka_client_config, producer_config
+from edge_agent.bridge.kafka_sink import send_error
 from edge_agent.bridge.retry import RetryHeap, plan_after_failure, retry_delay
+from edge_agent.bridge.sink import SendError
 from edge_agent.bridge.validate import Accepted, Rejected, classify
 from edge_agent.common.config import ConfigError
 from edge_agent.common.envelope import build, encode
@@ -160,6 +162,22 @@ def test_fixed_backoff_keeps_the_first_delay_with_jitter() -> None:
     assert 1.0 <= min(delays) and max(delays) <= 2.0
 
 
+def test_linear_backoff_adds_the_first_delay_per_attempt_with_jitter() -> None:
+    linear = RETRY.model_copy(update={"backoff": "linear", "delay_s": 2.0, "max_delay_s": 7.0})
+    rng = random.Random(3)
+    for attempt, base in [(1, 2.0), (2, 4.0), (3, 6.0), (9, 7.0)]:
+        delays = [retry_delay(attempt, linear, rng) for _ in range(200)]
+        assert base / 2 <= min(delays) and max(delays) <= base
+
+
+def test_purged_records_go_again_at_once_other_outages_after_a_pause() -> None:
+    purged = plan_after_failure(send_error(KafkaError(KafkaError._PURGE_QUEUE)), 0, False, RETRY)
+    timed_out = plan_after_failure(send_error(KafkaError(KafkaError._MSG_TIMED_OUT)), 0, False, RETRY)
+    assert purged.delay == 0.0 < timed_out.delay
+    lost = plan_after_failure(SendError("connection lost", records_fault=False, retry_after=0.0), 9, False, RETRY)
+    assert (lost.action, lost.delay, lost.counts) == ("send_again", 0.0, False)
+
+
 def test_the_retry_heap_hands_out_what_is_due_soonest_first() -> None:
     heap: RetryHeap[str] = RetryHeap()
     assert heap.pop_due(100.0) is None and heap.due_in(100.0) == float("inf")
@@ -174,12 +192,12 @@ def test_the_retry_heap_hands_out_what_is_due_soonest_first() -> None:
 def test_outages_never_use_up_attempts() -> None:
     for code in (KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError.UNKNOWN_PRODUCER_ID,
                  KafkaError._PURGE_INFLIGHT):
-        plan = plan_after_failure(KafkaError(code), attempts=99, is_dead_letter=False, cfg=RETRY)
+        plan = plan_after_failure(send_error(KafkaError(code)), attempts=99, is_dead_letter=False, cfg=RETRY)
         assert plan.action == "send_again" and not plan.counts
 
 
 def test_retriable_refusals_back_off_then_exhaust() -> None:
-    err = KafkaError(KafkaError.NOT_ENOUGH_REPLICAS, retriable=True)
+    err = send_error(KafkaError(KafkaError.NOT_ENOUGH_REPLICAS, retriable=True))
     assert plan_after_failure(err, 0, False, RETRY).action == "send_again"
     assert plan_after_failure(err, 1, False, RETRY).counts
     final = plan_after_failure(err, 2, False, RETRY)
@@ -187,7 +205,7 @@ def test_retriable_refusals_back_off_then_exhaust() -> None:
 
 
 def test_permanent_refusal_is_dead_lettered_at_once_but_a_dead_letter_is_never_dropped() -> None:
-    err = KafkaError(KafkaError.TOPIC_EXCEPTION)
+    err = send_error(KafkaError(KafkaError.TOPIC_EXCEPTION))
     assert plan_after_failure(err, 0, False, RETRY).reason == "rejected"
     assert plan_after_failure(err, 50, True, RETRY).action == "send_again"
 

@@ -232,7 +232,7 @@ def test_a_worker_that_keeps_crashing_is_503_and_a_new_bridge_takes_over(
 
             def always(*_a: Any) -> None:
                 raise RuntimeError("broken for good")
-            bridge._serve_kafka = always  # type: ignore[method-assign]
+            bridge._serve_broker = always  # type: ignore[method-assign]
             answer = wait_for(lambda: (r := healthz(port)).status_code == 503 and r, 30, message="healthz 503")
             body = answer.json()
             assert body["status"] == "unhealthy" and body["dead"] == ["bridge-worker"]

@@ -76,3 +76,30 @@ def test_any_url_is_accepted_or_refused_with_a_validation_error(url: str) -> Non
     except ValidationError:
         return
     assert cfg.tls_on in (True, False) and 0 < cfg.port < 65536 and cfg.host and cfg.vhost
+
+
+def test_a_bridge_file_names_one_central_broker() -> None:
+    from edge_agent.bridge.config import parse_bridge
+
+    cfg = parse_bridge({"rabbitmq": {"url": "amqps://edge-bridge@rabbit-1:5671/edge"},
+                        "retry": {"backoff": "linear"}})
+    assert cfg.broker == "rabbitmq" and cfg.retry.backoff == "linear"
+    assert parse_bridge({}).broker == "kafka"
+    with pytest.raises(ConfigError) as e:
+        parse_bridge({"kafka": {"bootstrap_servers": "k:9092"}, "rabbitmq": {"url": "amqp://u@h/"}})
+    assert "one central broker" in "\n".join(e.value.problems)
+    # a dumped rabbitmq config (kafka at its defaults) reads back
+    assert parse_bridge(cfg.model_dump(mode="json")).broker == "rabbitmq"
+
+
+def test_check_config_tells_a_rabbitmq_bridge_file_and_names_its_missing_secret(tmp_path) -> None:
+    from edge_agent.config_check import check_file
+
+    path = tmp_path / "bridge.yaml"
+    path.write_text("rabbitmq:\n  url: amqps://edge-bridge@rabbit-1:5671/edge\n  password_env: EDGE_RMQ_PW\n"
+                    "  tls: {ca: /nonexistent/ca.crt}\n")
+    kind, problems = check_file(path, env={})
+    assert kind == "bridge"
+    assert any("rabbitmq.password_env" in p and "EDGE_RMQ_PW" in p for p in problems)
+    assert any(p.startswith("rabbitmq.tls.ca") for p in problems)
+    assert check_file(path, env={"EDGE_RMQ_PW": "x"}, files=False) == ("bridge", [])
