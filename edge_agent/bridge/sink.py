@@ -10,10 +10,7 @@ record is sent again and never dead-lettered because the broker was away).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
-
-if TYPE_CHECKING:
-    from edge_agent.bridge.config import BridgeConfig
+from typing import Any, Callable, Protocol
 
 
 @dataclass(frozen=True)
@@ -61,13 +58,3 @@ class Sink(Protocol):
     def close(self) -> None:
         """Stop; records not yet confirmed are reported as outages by the next ``poll``."""
 
-
-def open_sink(cfg: BridgeConfig, *, on_outage: Callable[[str], None]) -> Sink:
-    """The sink of the broker the bridge file names; each imports its client library only when chosen."""
-    if cfg.rabbitmq is not None:
-        from edge_agent.bridge.rabbitmq import RabbitSink
-
-        return RabbitSink(cfg.rabbitmq, on_outage=on_outage)
-    from edge_agent.bridge.kafka_sink import KafkaSink
-
-    return KafkaSink(cfg.kafka, cfg.stall_timeout_s, max_message_bytes=cfg.max_message_bytes, on_outage=on_outage)

@@ -58,7 +58,8 @@ from edge_agent.bridge.inflight import (
 )
 from edge_agent.bridge.kafka import dlq_headers
 from edge_agent.bridge.retry import RetryHeap, plan_after_failure
-from edge_agent.bridge.sink import Delivered, SendError, open_sink
+from edge_agent.bridge.brokers import open_sink
+from edge_agent.bridge.sink import Delivered, SendError
 from edge_agent.bridge.validate import Accepted, Rejected, classify
 from edge_agent.common import logs
 from edge_agent.common.backoff import Backoff
@@ -116,7 +117,7 @@ class Bridge:
         self._conn = 0  # MQTT connection number: mids of older connections are not ours to ack
         self._mqtt_connected = False
         self._outage_logged_at = 0.0
-        self._sink = open_sink(cfg, on_outage=self._log_outage)  # Kafka or RabbitMQ (sink.py)
+        self._sink = open_sink(cfg, on_outage=self._log_outage)  # Kafka or RabbitMQ (brokers.py)
         self._client = self._new_mqtt_client()
         # The long-lived parts, for /healthz and the watchdog (serve_http adds "http").
         self.parts = Health()

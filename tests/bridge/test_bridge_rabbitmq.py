@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pika
 import pytest
-from test_bridge_wire import Device, bridge_config, bridge_process, running, write_config
+from test_bridge_wire import bridge_config, bridge_process, running, write_config
 
 from edge_agent.bridge.config import BridgeConfig
 from edge_agent.bridge.daemon import serve_http
