@@ -23,9 +23,10 @@ test-fast: setup
 lint: setup
 	.venv/bin/lint-imports --no-cache
 
-# End to end on sample footage: own Mosquitto + Tansu, bridge, agent, counts from Kafka.
+# End to end on sample footage: own Mosquitto + Tansu + PostgreSQL, bridge, consumer, agent, counts
+# from Kafka and PostgreSQL. `make demo BROKER=rabbitmq`: a private RabbitMQ node instead of Tansu.
 demo: setup
-	.venv/bin/python scripts/demo.py
+	.venv/bin/python scripts/demo.py $(if $(BROKER),--broker $(BROKER))
 
 clean:
 	rm -rf .pytest_cache build dist *.egg-info

@@ -13,6 +13,10 @@ The LAST line is one JSON object: ``{"frames": int, "lines": {"v": {"in", "out",
 "kafka": {"<topic>": n, ...}, "postgres": {"events": n, "lines": {"v": {"in", "out",
 "by_class"}}, "counts_match": bool}}``.
 
+``--broker rabbitmq`` (``make demo BROKER=rabbitmq``) puts a private RabbitMQ node where Tansu
+was (no consumer, no PostgreSQL: the consumer reads Kafka) and ends with the same line, with
+``"rabbitmq": {"<queue>": n, ...}`` (messages per queue) in place of ``kafka`` and ``postgres``.
+
 The clip and the model are read from ``$EDGE_SHARED_DIR`` (default ``<repo>/../shared``);
 when missing they are downloaded from their public sources and checked against sha256.
 """
@@ -45,6 +49,9 @@ from edge_agent.common.wire import STREAMS
 from edge_testkit.kafka import TANSU_CONSUMER_DEFAULTS, TansuBroker, create_topics
 from edge_testkit.mqtt import MOSQUITTO_BIN, MosquittoBroker, start_mosquitto
 from edge_testkit.postgres import fresh_database, postgres_installed, start_postgres
+from edge_agent.bridge.rabbitmq import queue_arguments
+from edge_agent.bridge.rabbitmq_config import DEFAULT_QUEUES, RabbitMqConfig
+from edge_testkit.rabbitmq import RabbitNode, rabbitmq_installed
 from edge_testkit.processes import (
     AgentProcess,
     WaitTimeout,
@@ -58,6 +65,7 @@ DLQ = "dlq"
 DEVICE = "demo-gw"
 CAMERA = "pets09"
 LINE_ID = "v"
+RABBIT_QUEUES = {stream: DEFAULT_QUEUES[stream] for stream in (*STREAMS, DLQ)}  # stream -> queue
 
 
 @dataclass(frozen=True)
@@ -148,7 +156,8 @@ def start_brokers(workdir: Path, stack: contextlib.ExitStack) -> tuple[Mosquitto
     if not Path(MOSQUITTO_BIN).exists():
         raise DemoError("mosquitto not found: run scripts/setup_env.sh (make demo does)")
     with failing_start("Mosquitto"):
-        mosquitto = start_mosquitto(workdir / "mosquitto", persistence=False)
+        mosquitto = start_mosquitto(workdir / "mosquitto", persistence=False,
+                                    extra_conf="max_inflight_messages 1000\n")  # the bridge's 3.1.1 window
     stack.callback(mosquitto.stop)
     tansu = TansuBroker(workdir / "tansu")
     stack.callback(tansu.stop)
@@ -157,6 +166,20 @@ def start_brokers(workdir: Path, stack: contextlib.ExitStack) -> tuple[Mosquitto
     # One partition each: the live view then reads every topic in order.
     create_topics(tansu.bootstrap, [*STREAMS, DLQ], partitions=1)
     return mosquitto, tansu
+
+
+def start_rabbitmq(workdir: Path, stack: contextlib.ExitStack) -> tuple[MosquittoBroker, RabbitNode]:
+    """Mosquitto and a private RabbitMQ node on free ports (``--broker rabbitmq``); ``stack`` stops them."""
+    if not Path(MOSQUITTO_BIN).exists() or not rabbitmq_installed():
+        raise DemoError("mosquitto or rabbitmq-server not found: run scripts/setup_env.sh (make demo does)")
+    with failing_start("Mosquitto"):
+        mosquitto = start_mosquitto(workdir / "mosquitto", persistence=False, extra_conf="max_inflight_messages 1000\n")
+    stack.callback(mosquitto.stop)
+    node = RabbitNode(workdir / "rabbitmq")
+    stack.callback(node.process.kill)  # a throw-away node: nothing to shut down cleanly
+    with failing_start("RabbitMQ"):
+        node.start()
+    return mosquitto, node
 
 
 def start_daemon(args: list[str], log: Path, http_port: int, env: dict[str, str], stack: contextlib.ExitStack,
@@ -175,10 +198,11 @@ def tail(proc: AgentProcess, lines: int = 15) -> str:
 
 # --- configs -------------------------------------------------------------------------------------
 
-def bridge_config(mqtt_port: int, bootstrap: str, http_port: int) -> dict[str, Any]:
+def bridge_config(mqtt_port: int, bootstrap: str, http_port: int, amqp_url: str | None = None) -> dict[str, Any]:
+    broker = {"rabbitmq": {"url": amqp_url}} if amqp_url else {"kafka": {"bootstrap_servers": bootstrap}}
     return {
         "mqtt": {"host": "127.0.0.1", "port": mqtt_port, "client_id": "demo-bridge", "share_group": "demo"},
-        "kafka": {"bootstrap_servers": bootstrap},
+        **broker,
         "dlq": {"topic": DLQ},
         "http": {"listen": f"127.0.0.1:{http_port}",
                  "tokens": [{"token_env": "EDGE_DEMO_ADMIN_TOKEN", "role": "admin"}]},
@@ -250,13 +274,54 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-# --- what reaches Kafka --------------------------------------------------------------------------
+# --- what reaches Kafka (or RabbitMQ) -------------------------------------------------------------
+
+Reader = Callable[[Callable[[str, bytes], None], threading.Event, threading.Event], None]
+
+
+def read_kafka(bootstrap: str) -> Reader:
+    """Every record of the demo's topics, live (assigned partitions, no consumer group)."""
+    def read(add: Callable[[str, bytes], None], ready: threading.Event, stop: threading.Event) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer({**TANSU_CONSUMER_DEFAULTS, "bootstrap.servers": bootstrap, "group.id": "edge-demo-view"})
+        try:
+            consumer.assign([TopicPartition(t, 0, 0) for t in (*STREAMS, DLQ)])
+            ready.set()
+            while not stop.is_set():
+                for msg in consumer.consume(num_messages=500, timeout=0.2):
+                    if msg.error() is None:
+                        add(msg.topic(), msg.value())
+        finally:
+            consumer.close()
+    return read
+
+
+def read_rabbitmq(node: RabbitNode) -> Reader:
+    """Every message of the specified queues, taken as it arrives (the demo is their only consumer)."""
+    def read(add: Callable[[str, bytes], None], ready: threading.Event, stop: threading.Event) -> None:
+        import pika
+
+        conn = pika.BlockingConnection(pika.ConnectionParameters(node.host, node.port, "/",
+                                                                 pika.PlainCredentials(node.username, node.password)))
+        try:
+            channel = conn.channel()
+            for stream, queue in RABBIT_QUEUES.items():  # the bridge declares them too; first one wins
+                channel.queue_declare(queue, durable=True, arguments=queue_arguments(RabbitMqConfig(), stream))
+                channel.basic_consume(queue, lambda _ch, m, _p, body, s=stream: add(s, body), auto_ack=True)
+            ready.set()
+            while not stop.is_set():
+                conn.process_data_events(time_limit=0.2)
+        finally:
+            conn.close()
+    return read
+
 
 @dataclass
-class KafkaView:
-    """Everything on the demo's topics, read live (assigned partitions, no consumer group)."""
+class CentralView:
+    """Everything that reaches the central broker's topics or queues, read live by ``reader``."""
 
-    bootstrap: str
+    reader: Reader
     records: Counter = field(default_factory=Counter)  # topic -> records
     seen_ids: set[str] = field(default_factory=set)
     duplicates: int = 0
@@ -271,33 +336,19 @@ class KafkaView:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def start(self) -> "KafkaView":
+    def start(self) -> "CentralView":
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="kafka-view", daemon=True)
+        self._thread = threading.Thread(target=self.reader, args=(self._add, ready, self._stop), name="view",
+                                        daemon=True)
         self._thread.start()
         if not ready.wait(30):
-            raise DemoError("could not start reading Kafka")
+            raise DemoError("could not start reading the central broker")
         return self
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
-
-    def _run(self, ready: threading.Event) -> None:
-        from confluent_kafka import Consumer, TopicPartition
-
-        consumer = Consumer({**TANSU_CONSUMER_DEFAULTS, "bootstrap.servers": self.bootstrap,
-                             "group.id": "edge-demo-view"})
-        try:
-            consumer.assign([TopicPartition(t, 0, 0) for t in (*STREAMS, DLQ)])
-            ready.set()
-            while not self._stop.is_set():
-                for msg in consumer.consume(num_messages=500, timeout=0.2):
-                    if msg.error() is None:
-                        self._add(msg.topic(), msg.value())
-        finally:
-            consumer.close()
 
     def _add(self, topic: str, value: bytes | None) -> None:
         try:
@@ -352,7 +403,7 @@ def line_text(lines: dict[str, dict[str, Any]]) -> str:
         or "no line report yet"
 
 
-def show_progress(view: KafkaView, started: float, total_frames: int, agent: AgentProcess,
+def show_progress(view: CentralView, started: float, total_frames: int, agent: AgentProcess,
                   until: Callable[[], bool], timeout: float) -> None:
     """Print crossings as they arrive and a status line per report, until ``until()``."""
     last_status = 0.0
@@ -372,7 +423,7 @@ def show_progress(view: KafkaView, started: float, total_frames: int, agent: Age
             last_status = now
             frames, lines, records = view.snapshot()
             say(f"[{now - started:5.0f} s] frames {frames}/{total_frames}  {line_text(lines)}  "
-                f"| Kafka records: {sum(records.values())}")
+                f"| records centrally: {sum(records.values())}")
         time.sleep(0.2)  # display refresh, not synchronisation
 
 
@@ -405,6 +456,31 @@ def queue_status(http_port: int, token: str) -> list[dict[str, Any]]:
         return json.loads(r.read())
 
 
+def start_central(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack, bridge_http: int,
+                  consumer_http: int, env: dict[str, str]) -> tuple[int, CentralView, Path | None]:
+    """Mosquitto, the central broker (Tansu or RabbitMQ), the bridge, and on Kafka PostgreSQL and
+    the consumer; returns Mosquitto's port, the live view and the consumer's file (None on RabbitMQ)."""
+    if args.broker == "rabbitmq":
+        mosquitto, node = start_rabbitmq(workdir, stack)
+        say(f"brokers up: Mosquitto 127.0.0.1:{mosquitto.port}, RabbitMQ {node.url()}")
+        bridge = bridge_config(mosquitto.port, "", bridge_http, amqp_url=node.url())
+        start_daemon(["bridge", "-c", str(write_yaml(workdir / "bridge.yaml", bridge))], workdir / "bridge.log",
+                     bridge_http, env, stack, 30)
+        view = CentralView(read_rabbitmq(node)).start()
+        stack.callback(view.stop)
+        return mosquitto.port, view, None
+    mosquitto, tansu = start_brokers(workdir, stack)
+    env["EDGE_PG_DSN"] = start_database(workdir, stack)
+    say(f"brokers up: Mosquitto 127.0.0.1:{mosquitto.port}, Kafka protocol (Tansu) {tansu.bootstrap}; PostgreSQL")
+    bridge_yaml = write_yaml(workdir / "bridge.yaml", bridge_config(mosquitto.port, tansu.bootstrap, bridge_http))
+    consumer_yaml = write_yaml(workdir / "consumer.yaml", consumer_config(tansu.bootstrap, consumer_http))
+    start_daemon(["bridge", "-c", str(bridge_yaml)], workdir / "bridge.log", bridge_http, env, stack, 30)
+    start_daemon(["consume", "-c", str(consumer_yaml)], workdir / "consumer.log", consumer_http, env, stack, 30)
+    view = CentralView(read_kafka(tansu.bootstrap)).start()
+    stack.callback(view.stop)
+    return mosquitto.port, view, consumer_yaml
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edge-demo-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -414,44 +490,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fps = args.fps or clip_fps(clip)
     total = clip_frames(clip)
     say(f"clip {clip.name}: {total} frames, played at {fps:g} fps (~{total / fps:.0f} s); model {model.name}")
-
-    view: KafkaView | None = None
+    central = "RabbitMQ" if args.broker == "rabbitmq" else "Kafka"
     token = secrets.token_urlsafe(16)
+    env = {"EDGE_DEMO_ADMIN_TOKEN": token}
     with contextlib.ExitStack() as stack:  # stops everything started, in reverse order, whatever happens
-        mosquitto, tansu = start_brokers(workdir, stack)
-        dsn = start_database(workdir, stack)
-        say(f"brokers up: Mosquitto 127.0.0.1:{mosquitto.port}, Kafka protocol (Tansu) {tansu.bootstrap}, "
-            f"PostgreSQL")
         bridge_http, agent_http, consumer_http = free_port(), free_port(), free_port()
-        bridge_yaml = write_yaml(workdir / "bridge.yaml", bridge_config(mosquitto.port, tansu.bootstrap, bridge_http))
-        agent_yaml = write_yaml(workdir / "agent.yaml", agent_config(mosquitto.port, agent_http, clip, model, fps,
+        mqtt_port, view, consumer_yaml = start_central(args, workdir, stack, bridge_http, consumer_http, env)
+        agent_yaml = write_yaml(workdir / "agent.yaml", agent_config(mqtt_port, agent_http, clip, model, fps,
                                                                       workdir, args.report_s))
-        consumer_yaml = write_yaml(workdir / "consumer.yaml", consumer_config(tansu.bootstrap, consumer_http))
-        env = {"EDGE_DEMO_ADMIN_TOKEN": token, "EDGE_PG_DSN": dsn}
-        start_daemon(["bridge", "-c", str(bridge_yaml)], workdir / "bridge.log", bridge_http, env, stack, 30)
-        start_daemon(["consume", "-c", str(consumer_yaml)], workdir / "consumer.log", consumer_http, env, stack, 30)
-        view = KafkaView(tansu.bootstrap).start()
-        stack.callback(view.stop)
         agent = start_daemon(["run", "-c", str(agent_yaml)], workdir / "agent.log", agent_http, env, stack, 60)
-        say(f"bridge (API http://127.0.0.1:{bridge_http}/docs), consumer (PostgreSQL) and agent running; "
-            f"counting people on line "
-            f"{LINE_ID} (x = 0.5)")
+        say(f"bridge (API http://127.0.0.1:{bridge_http}/docs){', consumer (PostgreSQL)' if consumer_yaml else ''} "
+            f"and agent running; counting people on line {LINE_ID} (x = 0.5)")
         started = time.monotonic()
         show_progress(view, started, total, agent, lambda: view.clip_ended, args.timeout)
-        say("end of clip: stopping the agent, waiting for its last messages in Kafka")
+        say(f"end of clip: stopping the agent, waiting for its last messages in {central}")
         agent.stop(timeout=30)
-        wait_for(view.complete, 60, interval=0.1, message="every message of the device in Kafka (no seq gap)")
+        wait_for(view.complete, 60, interval=0.1, message=f"every message of the device in {central} (no seq gap)")
         distinct = len(view.seen_ids)
-        wait_for(lambda: stored_events(dsn) >= distinct, 60, interval=0.2,
-                 message=lambda: f"{distinct} events in PostgreSQL (have {stored_events(dsn)})")
-        stored = stored_counts(consumer_yaml, env)
+        if consumer_yaml is not None:
+            dsn = env["EDGE_PG_DSN"]
+            wait_for(lambda: stored_events(dsn) >= distinct, 60, interval=0.2,
+                     message=lambda: f"{distinct} events in PostgreSQL (have {stored_events(dsn)})")
+            stored = stored_counts(consumer_yaml, env)
         for status in queue_status(bridge_http, token):
             say(f"  API status {status['topic']}: lag {status['lag']}, dead letters {status['dlqSize']}")
     frames, lines, records = view.snapshot()
+    say(f"done: {frames} frames counted, {line_text(lines)}, {view.duplicates} duplicates dropped by id")
+    if consumer_yaml is None:
+        for stream, queue in RABBIT_QUEUES.items():
+            say(f"  RabbitMQ {queue:22s} {records.get(stream, 0):5d} messages")
+        return {"frames": frames, "lines": lines,
+                "rabbitmq": {queue: records.get(stream, 0) for stream, queue in RABBIT_QUEUES.items()}}
     match = all(stored["lines"].get(lid, {}).get(d, 0) == c.get(d, 0) for lid, c in lines.items() for d in ("in", "out"))
     say(f"PostgreSQL: {distinct} events, counts read back: "
         f"{line_text(stored['lines'])} ({'equal to' if match else 'DIFFERENT from'} the agent's)")
-    say(f"done: {frames} frames counted, {line_text(lines)}, {view.duplicates} duplicates dropped by id")
     for topic in (*STREAMS, DLQ):
         say(f"  Kafka {topic:22s} {records.get(topic, 0):5d} records")
     return {"frames": frames, "lines": lines, "kafka": {t: records.get(t, 0) for t in (*STREAMS, DLQ)},
@@ -468,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-s", type=float, default=5.0, help="counting report interval (s)")
     p.add_argument("--timeout", type=float, default=600.0, help="give up when the clip has not ended by then (s)")
     p.add_argument("--workdir", default=None, help="where configs, outbox and logs go (default: a temp dir)")
+    p.add_argument("--broker", choices=("kafka", "rabbitmq"), default="kafka",
+                   help="the central broker (kafka: Tansu, with the PostgreSQL consumer; rabbitmq: a private node)")
     args = p.parse_args(argv)
     # The children live in process groups of their own: a SIGTERM to the demo must still stop them.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -483,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"error": "interrupted"}))
         return 130
     print(json.dumps(result))
+    if "rabbitmq" in result:
+        return 0 if result["rabbitmq"]["ai.queue"] > 0 else 1
     return 0 if result["kafka"]["ai.inference.results"] > 0 and result["postgres"]["counts_match"] else 1
 
 

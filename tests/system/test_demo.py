@@ -53,9 +53,26 @@ def test_make_demo_ends_with_counts_in_kafka_and_postgres(footage, model_path) -
     assert any("crossed line v" in line for line in lines), "no live view of crossings"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_make_demo_with_rabbitmq_ends_with_messages_per_queue(footage, model_path) -> None:
+    footage("PETS09-S2L1")
+    run = subprocess.run(["make", "demo", "BROKER=rabbitmq"], cwd=REPO, capture_output=True, text=True, timeout=550)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(result) == {"frames", "lines", "rabbitmq"}
+    v = result["lines"]["v"]
+    assert v["in"] > 0 and v["out"] > 0
+    queues = result["rabbitmq"]
+    assert set(queues) == {"camera.queue", "ai.queue", "notification.queue", "audit.queue", "dlq.queue"}
+    assert queues["ai.queue"] > 0 and queues["camera.queue"] >= 4 and queues["dlq.queue"] == 0
+
+
 def test_generated_configs_are_valid_for_the_real_loaders(tmp_path: Path) -> None:
     bridge = parse_bridge(demo.bridge_config(1883, "127.0.0.1:9092", 8080))
-    assert bridge.http.tokens[0].role == "admin"
+    assert bridge.http.tokens[0].role == "admin" and bridge.broker == "kafka"
+    assert parse_bridge(demo.bridge_config(1883, "", 8080, amqp_url="amqp://guest@127.0.0.1:5672/%2F")).broker == \
+        "rabbitmq"
     agent = parse_agent(demo.agent_config(1883, 9108, tmp_path / "clip.avi", tmp_path / "m.onnx", 10.0, tmp_path, 5.0))
     [cam] = agent.cameras
     assert cam.fps == 10.0 and not cam.loop
@@ -98,8 +115,8 @@ def test_shared_copy_wins_and_matches_the_published_checksum(shared_dir: Path, m
     assert demo.sha256_of(demo.locate(demo.MODEL, tmp_path)) == demo.MODEL.sha256
 
 
-def test_kafka_view_detects_a_seq_gap_and_drops_duplicates() -> None:
-    view = demo.KafkaView("unused:1")
+def test_the_central_view_detects_a_seq_gap_and_drops_duplicates() -> None:
+    view = demo.CentralView(demo.read_kafka("unused:1"))
 
     def env(seq: int, type_: str, data: dict | None = None, id_: str | None = None) -> bytes:
         return json.dumps({"id": id_ or f"id-{seq}", "device_id": demo.DEVICE, "seq": seq, "type": type_,
@@ -164,7 +181,7 @@ def test_a_terminated_demo_stops_everything_it_started(tmp_path: Path, model_pat
         wait_for(lambda: "counting people" in log.read_text() or proc.poll() is not None, 150,
                  message="the demo's agent running")
         assert proc.poll() is None, log.read_text()
-        kafka_url = "tcp://" + re.search(r"\(Tansu\) (\S+)", log.read_text()).group(1)
+        kafka_url = "tcp://" + re.search(r"\(Tansu\) ([\d.]+:\d+)", log.read_text()).group(1)
         assert _processes_mentioning(str(workdir)) and _processes_mentioning(kafka_url)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 130
