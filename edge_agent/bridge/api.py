@@ -171,9 +171,11 @@ def _auth_dependency(tokens: dict[str, Role]) -> Callable[..., Callable[..., Rol
         def check(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Role:
             role = _role_of(tokens, creds.credentials) if creds else None
             if role is None:
+                metrics.BRIDGE_API_DENIED.labels(code="401").inc()  # the unauthorised-access alert
                 raise HTTPException(401, "missing or unknown bearer token",
                                     headers={"WWW-Authenticate": "Bearer"})
             if role not in allowed:
+                metrics.BRIDGE_API_DENIED.labels(code="403").inc()
                 raise HTTPException(403, f"role {role} may not do this")
             return role
         return check

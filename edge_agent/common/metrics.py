@@ -44,12 +44,15 @@ BRIDGE_DUPLICATES = Counter("edge_bridge_duplicates_total", "Envelopes dropped a
 BRIDGE_DELIVERY_SECONDS = Histogram("edge_bridge_delivery_seconds", "MQTT receive -> Kafka ack",
                                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                              1.0, 2.5, 5.0, 10.0))
-BRIDGE_INFLIGHT = Gauge("edge_bridge_inflight", "MQTT messages received and not yet settled")
+# livesum: with bridge.workers > 1 (prometheus-client's multiprocess mode) one series, the sum of
+# the live workers, instead of one per pid that outlives its process.
+BRIDGE_INFLIGHT = Gauge("edge_bridge_inflight", "MQTT messages received and not yet settled",
+                        multiprocess_mode="livesum")
 BRIDGE_API_DENIED = Counter("edge_bridge_api_denied_total",
                             "HTTP API requests refused for their credentials (401) or role (403)", ["code"])
 BRIDGE_CONSUMER_LAG = Gauge("edge_bridge_consumer_lag",
                             "Kafka consumer-group lag on the bridge's topics (high watermark - committed); "
-                            "refreshed when /metrics is scraped", ["topic", "group"])
+                            "refreshed when /metrics is scraped", ["topic", "group"], multiprocess_mode="livesum")
 
 # --- consumer (edge-agent consume; DESIGN "Downstream") --------------------------------------
 CONSUMED = Counter("edge_consumer_consumed_total", "Records read from Kafka", ["topic"])
