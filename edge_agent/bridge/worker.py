@@ -65,6 +65,7 @@ from edge_agent.common import logs
 from edge_agent.common.backoff import Backoff
 from edge_agent.common.envelope import Envelope, encode, utc_now_iso
 from edge_agent.common.metrics import (
+    BRIDGE_BROKER_UP,
     BRIDGE_DELIVERY_SECONDS,
     BRIDGE_DLQ,
     BRIDGE_DUPLICATES,
@@ -118,6 +119,7 @@ class Bridge:
         self._mqtt_connected = False
         self._outage_logged_at = 0.0
         self._sink = open_sink(cfg, on_outage=self._log_outage)  # Kafka or RabbitMQ (brokers.py)
+        self._broker_up = BRIDGE_BROKER_UP.labels(self._sink.name)
         self._client = self._new_mqtt_client()
         # The long-lived parts, for /healthz and the watchdog (serve_http adds "http").
         self.parts = Health()
@@ -581,6 +583,7 @@ class Bridge:
         records come back as reports and go to the new one at once)."""
         self._sink.maintain(time.monotonic())
         self._handle_reports()
+        self._broker_up.set(1 if self._sink.connected and not getattr(self._sink, "blocked", False) else 0)
 
 
 def _topic_of(msg: mqtt.MQTTMessage) -> str:

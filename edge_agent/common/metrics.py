@@ -48,6 +48,9 @@ BRIDGE_DELIVERY_SECONDS = Histogram("edge_bridge_delivery_seconds", "MQTT receiv
 # the live workers, instead of one per pid that outlives its process.
 BRIDGE_INFLIGHT = Gauge("edge_bridge_inflight", "MQTT messages received and not yet settled",
                         multiprocess_mode="livesum")
+BRIDGE_BROKER_UP = Gauge("edge_bridge_broker_up", "1 while the bridge's central broker (kafka or rabbitmq) takes "
+                         "records; 0 while it is unreachable or blocks publishing (RabbitMQ alarms)", ["broker"],
+                         multiprocess_mode="livemin")
 BRIDGE_API_DENIED = Counter("edge_bridge_api_denied_total",
                             "HTTP API requests refused for their credentials (401) or role (403)", ["code"])
 BRIDGE_CONSUMER_LAG = Gauge("edge_bridge_consumer_lag",

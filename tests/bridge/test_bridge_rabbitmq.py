@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pika
 import pytest
-from test_bridge_wire import bridge_config, bridge_process, running, write_config
+from test_bridge_wire import bridge_config, bridge_process, metric, running, write_config
 
 from edge_agent.bridge.config import BridgeConfig
 from edge_agent.bridge.daemon import serve_http
@@ -157,11 +157,13 @@ def test_memory_alarm_holds_the_acks_and_nothing_is_lost_when_it_clears(
             for seq in range(2, 52):
                 dev.send(seq)
             wait_for(lambda: bridge.health()["rabbitmq"]["blocked"], 30, message="connection blocked")
+            wait_for(lambda: metric("edge_bridge_broker_up", broker="rabbitmq") == 0, 10, message="broker_up 0")
             dev.wait_published(15)  # Mosquitto has them; the bridge must not ack them yet
             assert dev.acked_now() == {1}, "acked while RabbitMQ was blocking publishes"
         finally:
             rabbit.set_memory_alarm(False)
         dev.wait_acked(set(range(1, 52)), timeout=60)
+        assert metric("edge_bridge_broker_up", broker="rabbitmq") == 1
     assert sorted(set(seqs_in(rabbit, vhost))) == list(range(1, 52))
 
 
