@@ -157,7 +157,10 @@ def raw_request(port: int, data: bytes, timeout: float = 10) -> bytes:
     """Send raw bytes, half-close, and read the whole answer (the server closes after errors)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
+        try:
+            s.shutdown(socket.SHUT_WR)
+        except OSError:  # the server already answered and closed: its answer is still to be read
+            pass
         out = b""
         while chunk := s.recv(65536):
             out += chunk
