@@ -20,6 +20,7 @@ What counts as what (the same guarantee as on Kafka, ``sink.SendError``):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import ssl
 import threading
@@ -314,17 +315,20 @@ class RabbitSink:
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         ack = isinstance(method, pika.spec.Basic.Ack)
-        tags = [t for t in self._unconfirmed if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        if method.multiple:  # tags are handed out in order: the confirmed ones are at the front
+            tags = list(itertools.takewhile(lambda t: t <= method.delivery_tag, self._unconfirmed))
+        else:
+            tags = [method.delivery_tag]
         for tag in tags:
             item = self._unconfirmed.pop(tag, None)
             if item is None:
                 continue
             if not ack:
-                self._report(item.report, SendError("nacked by RabbitMQ", records_fault=True), None)
-            elif item.returned is not None:
-                self._report(item.report, SendError(item.returned, records_fault=True), None)
+                err: SendError | None = SendError("nacked by RabbitMQ", records_fault=True)
             else:
-                self._report(item.report, None, Delivered(item.topic))
+                err = SendError(item.returned, records_fault=True) if item.returned is not None else None
+            self._reports.append((item.report, err, None if err else Delivered(item.topic)))
+        self._reported.set()  # once per confirm (RabbitMQ confirms many at a time), not per record
 
     def _check_overdue(self) -> None:
         """A confirm this late on a connection that is not blocked: the connection is stuck; start over."""
