@@ -50,3 +50,15 @@ def device_factory() -> Iterator[Any]:
     yield make
     for dev in made:
         dev.close()
+
+
+@pytest.fixture(scope="session")
+def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A private RabbitMQ node with a TLS listener (or the one ``EDGE_TEST_AMQP`` names), for the
+    RabbitMQ tests of this directory; a test that kills it starts it again on the same ports."""
+    from edge_testkit.rabbitmq import RabbitNode, start_rabbitmq
+
+    node = start_rabbitmq(tmp_path_factory.mktemp("rabbitmq"), tls=True)
+    yield node
+    if isinstance(node, RabbitNode):
+        node.process.kill()

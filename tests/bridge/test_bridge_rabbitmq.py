@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +22,12 @@ from edge_agent.bridge.config import BridgeConfig
 from edge_agent.bridge.daemon import serve_http
 from edge_agent.common.wire import STREAMS
 from edge_testkit.processes import wait_for
-from edge_testkit.rabbitmq import RabbitNode, start_rabbitmq
+from edge_testkit.rabbitmq import RabbitNode
 
 pytestmark = pytest.mark.timeout(240)
 
 QUEUES = {"camera.events": "camera.queue", "ai.inference.results": "ai.queue",
           "notifications": "notification.queue", "audit.logs": "audit.queue"}
-
-
-@pytest.fixture(scope="module")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    node = start_rabbitmq(tmp_path_factory.mktemp("rabbitmq"), tls=True)
-    yield node
-    if isinstance(node, RabbitNode):
-        node.process.kill()
 
 
 @pytest.fixture

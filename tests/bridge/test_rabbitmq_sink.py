@@ -26,17 +26,9 @@ from edge_agent.common.config import ConfigError
 from edge_agent.common.envelope import build, encode
 from edge_agent.common.wire import DLQ_REASON, DLQ_SOURCE_TOPIC
 from edge_testkit.processes import wait_for
-from edge_testkit.rabbitmq import RabbitNode, start_rabbitmq
+from edge_testkit.rabbitmq import RabbitNode
 
 STREAMS = [s for s in DEFAULT_EXCHANGES if s != "dlq"]
-
-
-@pytest.fixture(scope="module")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    node = start_rabbitmq(tmp_path_factory.mktemp("rabbitmq"), tls=True)
-    yield node
-    if isinstance(node, RabbitNode):
-        node.process.kill()
 
 
 class Reports:
