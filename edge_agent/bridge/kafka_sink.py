@@ -33,6 +33,8 @@ class KafkaSink:
     """Records to Kafka through the current producer, replaced when it fails for good or stalls."""
 
     name = "kafka"
+    blocked = False  # librdkafka has no such state: a broker that refuses shows as errors or stalls
+    part = None  # librdkafka's threads are its own; its callbacks run in our poll()
 
     def __init__(self, cfg: KafkaConfig, stall_timeout_s: float, *, max_message_bytes: int,
                  on_outage: Callable[[str], None]):

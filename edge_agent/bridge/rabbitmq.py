@@ -69,12 +69,12 @@ def routing_key(kafka_key: bytes) -> str:
     return f"{device}.{camera or '_'}"
 
 
-def message_properties(headers: list[tuple[str, bytes]], correlation_id: str | None = None) -> pika.BasicProperties:
+def message_properties(headers: list[tuple[str, bytes]]) -> pika.BasicProperties:
     """The DESIGN properties: JSON, persistent, message_id = envelope id, the Kafka headers as strings."""
     table = {k: v.decode("utf-8", "replace") for k, v in headers}
     return pika.BasicProperties(content_type="application/json", delivery_mode=2,
                                 message_id=table.get("message-id"),
-                                correlation_id=correlation_id or table.get("trace-id"),
+                                correlation_id=table.get("trace-id"),
                                 timestamp=int(time.time()), headers=table)
 
 
@@ -134,14 +134,13 @@ class RabbitSink:
         self.part.start()
         return self
 
-    def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]], report: Report,
-             *, correlation_id: str | None = None) -> None:
+    def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]], report: Report) -> None:
         exchange = self._cfg.exchanges.get(topic)
         if exchange is None:
             self._report(report, SendError(f"no exchange configured for {topic!r}", records_fault=True,
                                            retriable=False), None)
             return
-        item = _Pending(topic, exchange, routing_key(key), value, message_properties(headers, correlation_id), report)
+        item = _Pending(topic, exchange, routing_key(key), value, message_properties(headers), report)
         with self._lock:
             self._handed.append(item)
             wake = not self._flush_due and self._conn is not None

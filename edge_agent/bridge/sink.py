@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from edge_agent.common.supervised import SupervisedThread
+
 
 @dataclass(frozen=True)
 class SendError:
@@ -39,6 +41,8 @@ Report = Callable[[SendError | None, Delivered | None], None]
 class Sink(Protocol):
     name: str  # "kafka" or "rabbitmq": the key of its state in health
     connected: bool
+    blocked: bool  # connected, but the broker refuses publishes for now (RabbitMQ's alarms)
+    part: SupervisedThread | None  # a thread of its own, for the owner's health and start (or None)
 
     def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]], report: Report) -> None:
         """Hand a record over; ``report`` runs once, from ``poll``."""

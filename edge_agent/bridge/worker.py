@@ -126,8 +126,8 @@ class Bridge:
         self._worker = SupervisedThread("bridge-worker", self._run, on_restart=self._after_crash,
                                         backoff_min_s=restart_backoff_s, max_restarts=max_restarts)
         self.parts.add(self._worker)
-        if (io := getattr(self._sink, "part", None)) is not None:
-            self.parts.add(io)  # the RabbitMQ sink's I/O thread
+        if self._sink.part is not None:
+            self.parts.add(self._sink.part)  # the RabbitMQ sink's I/O thread
         self._reconnect_at = 0.0
         self._reconnect_backoff = Backoff(cfg.mqtt.reconnect_min_s, cfg.mqtt.reconnect_max_s)
         # Filled by callbacks, emptied in batches by the loop: messages read, delivery reports.
@@ -138,8 +138,8 @@ class Bridge:
     # --- public --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if (io := getattr(self._sink, "part", None)) is not None:
-            io.start()
+        if self._sink.part is not None:
+            self._sink.part.start()
         self._worker.start()
         log.info("bridge started", extra={"topic": self.subscription})
 
@@ -583,7 +583,7 @@ class Bridge:
         records come back as reports and go to the new one at once)."""
         self._sink.maintain(time.monotonic())
         self._handle_reports()
-        self._broker_up.set(1 if self._sink.connected and not getattr(self._sink, "blocked", False) else 0)
+        self._broker_up.set(1 if self._sink.connected and not self._sink.blocked else 0)
 
 
 def _topic_of(msg: mqtt.MQTTMessage) -> str:
