@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from edge_testkit.processes import ExternalService, LocalService, ManagedProcess, free_port
@@ -167,3 +167,23 @@ def start_rabbitmq(workdir: Path, *, tls: bool = False) -> RabbitNode | External
         raise RuntimeError("rabbitmq-server is not installed: run scripts/setup_env.sh (make test does)")
     node = RabbitNode(workdir, tls=tls)
     return node.start()
+
+
+def connect(broker: RabbitNode | ExternalRabbit, vhost: str | None = None) -> Any:
+    """A pika ``BlockingConnection`` to ``broker`` (its own vhost unless one is named), as its user."""
+    import pika
+
+    creds = pika.PlainCredentials(broker.username, broker.password)
+    return pika.BlockingConnection(pika.ConnectionParameters(broker.host, broker.port, vhost or broker.vhost, creds))
+
+
+def drain(broker: RabbitNode | ExternalRabbit, queue: str, vhost: str | None = None) -> list[tuple[Any, Any, bytes]]:
+    """Every message ``queue`` holds now, taken off it: ``(method, properties, body)`` each."""
+    conn = connect(broker, vhost)
+    try:
+        channel, out = conn.channel(), []
+        while (got := channel.basic_get(queue, auto_ack=True))[0] is not None:
+            out.append(got)
+        return out
+    finally:
+        conn.close()

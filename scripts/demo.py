@@ -51,7 +51,7 @@ from edge_testkit.mqtt import MOSQUITTO_BIN, MosquittoBroker, start_mosquitto
 from edge_testkit.postgres import fresh_database, postgres_installed, start_postgres
 from edge_agent.bridge.rabbitmq import queue_arguments
 from edge_agent.bridge.rabbitmq_config import DEFAULT_QUEUES, RabbitMqConfig
-from edge_testkit.rabbitmq import RabbitNode, rabbitmq_installed
+from edge_testkit.rabbitmq import RabbitNode, connect, rabbitmq_installed
 from edge_testkit.processes import (
     AgentProcess,
     WaitTimeout,
@@ -300,10 +300,7 @@ def read_kafka(bootstrap: str) -> Reader:
 def read_rabbitmq(node: RabbitNode) -> Reader:
     """Every message of the specified queues, taken as it arrives (the demo is their only consumer)."""
     def read(add: Callable[[str, bytes], None], ready: threading.Event, stop: threading.Event) -> None:
-        import pika
-
-        conn = pika.BlockingConnection(pika.ConnectionParameters(node.host, node.port, "/",
-                                                                 pika.PlainCredentials(node.username, node.password)))
+        conn = connect(node)
         try:
             channel = conn.channel()
             for stream, queue in RABBIT_QUEUES.items():  # the bridge declares them too; first one wins

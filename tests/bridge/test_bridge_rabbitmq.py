@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pika
 import pytest
 from test_bridge_wire import bridge_config, bridge_process, metric, running, write_config
 
@@ -22,7 +21,7 @@ from edge_agent.bridge.config import BridgeConfig
 from edge_agent.bridge.daemon import serve_http
 from edge_agent.common.wire import STREAMS
 from edge_testkit.processes import wait_for
-from edge_testkit.rabbitmq import RabbitNode
+from edge_testkit.rabbitmq import RabbitNode, connect, drain
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -50,21 +49,8 @@ def rabbit_config(mqtt_broker: Any, rabbit: Any, vhost: str, **over: Any) -> Bri
     return BridgeConfig.model_validate(data)
 
 
-def drain(rabbit: Any, vhost: str, queue: str) -> list[tuple[Any, Any, bytes]]:
-    params = pika.ConnectionParameters(rabbit.host, rabbit.port, vhost,
-                                       pika.PlainCredentials(rabbit.username, rabbit.password))
-    conn = pika.BlockingConnection(params)
-    try:
-        ch, out = conn.channel(), []
-        while (got := ch.basic_get(queue, auto_ack=True))[0] is not None:
-            out.append(got)
-        return out
-    finally:
-        conn.close()
-
-
 def seqs_in(rabbit: Any, vhost: str, queue: str = "camera.queue") -> list[int]:
-    return [int(props.headers["seq"]) for _m, props, _b in drain(rabbit, vhost, queue)]
+    return [int(props.headers["seq"]) for _m, props, _b in drain(rabbit, queue, vhost)]
 
 
 def test_every_stream_reaches_its_queue_with_properties_and_is_acked_after_the_confirm(
@@ -77,7 +63,7 @@ def test_every_stream_reaches_its_queue_with_properties_and_is_acked_after_the_c
         sent = {stream: dev.send(i + 1, stream) for i, stream in enumerate(QUEUES)}
         dev.wait_acked({1, 2, 3, 4}, timeout=30)
     for stream, env in sent.items():
-        [(method, props, body)] = drain(rabbit, vhost, QUEUES[stream])
+        [(method, props, body)] = drain(rabbit, QUEUES[stream], vhost)
         assert json.loads(body)["id"] == env.id == props.message_id
         assert method.routing_key == f"{dev.device_id}.cam-1" and props.delivery_mode == 2
         assert props.content_type == "application/json" and props.correlation_id == env.trace_id
@@ -96,7 +82,7 @@ def test_poison_goes_to_dlq_queue_with_its_reason_and_good_messages_still_pass(
         dev.wait_acked({1}, timeout=30)
         wait_for(lambda: (rabbit.queue_depths(vhost).get("dlq.queue", 0) if isinstance(rabbit, RabbitNode)
                           else 2) >= 2, 30, message="two dead letters")
-    letters = drain(rabbit, vhost, "dlq.queue")
+    letters = drain(rabbit, "dlq.queue", vhost)
     assert sorted(props.headers["dlq-reason"] for _m, props, _b in letters) == ["invalid_json", "unmapped_topic"]
     assert all(props.headers["dlq-source-topic"].startswith(cfg.mqtt.topic_prefix) for _m, props, _b in letters)
     assert seqs_in(rabbit, vhost) == [1]
@@ -109,9 +95,7 @@ def test_unroutable_messages_are_retried_then_dead_lettered_and_the_api_retries_
                         http={"tokens": [{"token_env": "T_RMQ_ADMIN", "role": "admin"}]})
     with running(cfg) as bridge:
         wait_for(lambda: bridge.health()["rabbitmq"]["connected"], 30, message="RabbitMQ connected")
-        params = pika.ConnectionParameters(rabbit.host, rabbit.port, vhost,
-                                           pika.PlainCredentials(rabbit.username, rabbit.password))
-        admin_conn = pika.BlockingConnection(params)
+        admin_conn = connect(rabbit, vhost)
         admin_conn.channel().queue_unbind("camera.queue", "camera.events", "#")
         dev = device_factory(cfg)
         dev.send(1)
@@ -130,7 +114,7 @@ def test_unroutable_messages_are_retried_then_dead_lettered_and_the_api_retries_
             assert httpx.get(f"{base}/api/v1/queue/status", headers=auth, timeout=10).json()[0]["dlqSize"] == 0
         finally:
             stop_http()
-    [(_m, props, _b)] = drain(rabbit, vhost, "camera.queue")
+    [(_m, props, _b)] = drain(rabbit, "camera.queue", vhost)
     assert props.headers["dlq-reason"] == "retries_exhausted" and "dlq-retried-at" in props.headers
 
 

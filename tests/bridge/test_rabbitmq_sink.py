@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pika
 import pytest
 
 from edge_agent.bridge.queue_admin import RetryResult
@@ -26,7 +25,7 @@ from edge_agent.common.config import ConfigError
 from edge_agent.common.envelope import build, encode
 from edge_agent.common.wire import DLQ_REASON, DLQ_SOURCE_TOPIC
 from edge_testkit.processes import wait_for
-from edge_testkit.rabbitmq import RabbitNode
+from edge_testkit.rabbitmq import RabbitNode, connect, drain
 
 STREAMS = [s for s in DEFAULT_EXCHANGES if s != "dlq"]
 
@@ -64,20 +63,6 @@ def _poll_until(sink: RabbitSink, reports: Reports, n: int, timeout: float = 30.
     wait_for(lambda: sink.poll(0.05) >= 0 and reports.count() >= n, timeout, message=f"{n} reports")
 
 
-def _drain(rabbit: Any, queue: str) -> list[tuple[Any, Any, bytes]]:
-    conn = pika.BlockingConnection(pika.URLParameters(f"amqp://{rabbit.username}:{rabbit.password}@"
-                                                      f"{rabbit.host}:{rabbit.port}/%2F"))
-    try:
-        ch, out = conn.channel(), []
-        while True:
-            method, props, body = ch.basic_get(queue, auto_ack=True)
-            if method is None:
-                return out
-            out.append((method, props, body))
-    finally:
-        conn.close()
-
-
 def _cfg(rabbit: Any, **kw: Any) -> RabbitMqConfig:
     return RabbitMqConfig(url=rabbit.url(), **kw)
 
@@ -87,7 +72,7 @@ def sink(rabbit: Any) -> Iterator[RabbitSink]:
     s = RabbitSink(_cfg(rabbit)).start()
     wait_for(lambda: s.connected, 30, message="sink connected")
     for queue in DEFAULT_QUEUES.values():
-        _drain(rabbit, queue)
+        drain(rabbit, queue)
     yield s
     s.close()
 
@@ -98,7 +83,7 @@ def test_every_stream_lands_in_its_queue_with_the_design_properties(rabbit: Any,
     _poll_until(sink, reports, len(STREAMS))
     assert all(r == [(None, Delivered(t))] for t, i in sent.items() for r in [reports.by_id[i]])
     for topic, message_id in sent.items():
-        [(method, props, body)] = _drain(rabbit, DEFAULT_QUEUES[topic])
+        [(method, props, body)] = drain(rabbit, DEFAULT_QUEUES[topic])
         assert method.exchange == DEFAULT_EXCHANGES[topic] and method.routing_key == "gw-1.cam-1"
         assert props.content_type == "application/json" and props.delivery_mode == 2
         assert props.message_id == message_id == json.loads(body)["id"]
@@ -110,12 +95,12 @@ def test_a_record_without_camera_routes_with_underscore(rabbit: Any, sink: Rabbi
     reports = Reports()
     _send(sink, reports, camera=None)
     _poll_until(sink, reports, 1)
-    [(method, _props, _body)] = _drain(rabbit, "camera.queue")
+    [(method, _props, _body)] = drain(rabbit, "camera.queue")
     assert method.routing_key == "gw-1._"
 
 
 def test_unroutable_message_is_the_records_fault_never_a_success(rabbit: Any, sink: RabbitSink) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(f"amqp://guest:guest@{rabbit.host}:{rabbit.port}/%2F"))
+    conn = connect(rabbit)
     ch = conn.channel()
     ch.queue_unbind("camera.queue", "camera.events", "#")
     try:
@@ -162,6 +147,11 @@ def test_password_comes_from_its_variable(rabbit: Any, monkeypatch: pytest.Monke
     finally:
         refused.close()
     monkeypatch.setenv("EDGE_TEST_RABBIT_PW", "s3cret")
+    _delivers_one(cfg)
+
+
+def _delivers_one(cfg: RabbitMqConfig) -> None:
+    """A sink built from ``cfg`` connects and gets one record confirmed."""
     s = RabbitSink(cfg).start()
     try:
         reports = Reports()
@@ -176,15 +166,7 @@ def test_tls_with_a_client_certificate(rabbit: Any, tmp_path: Path) -> None:
     if not isinstance(rabbit, RabbitNode) or rabbit.pki is None:
         pytest.skip("needs the private node's TLS listener")
     cert, key = rabbit.pki.client_cert("edge-bridge")
-    cfg = RabbitMqConfig(url=rabbit.url(tls=True), tls={"ca": rabbit.pki.ca_path, "cert": cert, "key": key})
-    s = RabbitSink(cfg).start()
-    try:
-        reports = Reports()
-        _send(s, reports)
-        _poll_until(s, reports, 1)
-        assert [e for r in reports.by_id.values() for e, _ in r] == [None]
-    finally:
-        s.close()
+    _delivers_one(RabbitMqConfig(url=rabbit.url(tls=True), tls={"ca": rabbit.pki.ca_path, "cert": cert, "key": key}))
 
 
 def test_dlq_retry_republishes_passing_failures_and_keeps_poison(rabbit: Any, sink: RabbitSink) -> None:
@@ -200,7 +182,7 @@ def test_dlq_retry_republishes_passing_failures_and_keeps_poison(rabbit: Any, si
     [status] = admin.status(["camera.events"])
     assert (status.lag, status.dlqSize) == (0, 3)
     assert admin.retry_dead_letters("camera.events", 10) == RetryResult(retried=2, errors=0, skipped=1)
-    back = _drain(rabbit, "camera.queue")
+    back = drain(rabbit, "camera.queue")
     assert sorted(p.message_id for _, p, _ in back) == sorted(letters[:2])
     assert all("dlq-retried-at" in p.headers for _, p, _ in back)
     assert admin.status(["camera.events"])[0].dlqSize == 1  # the poison letter stays
@@ -221,7 +203,7 @@ def test_memory_alarm_holds_every_ack_until_it_clears(rabbit: Any, sink: RabbitS
         rabbit.set_memory_alarm(False)
     _poll_until(sink, reports, 51)
     assert all(errs == [(None, Delivered("camera.events"))] for errs in reports.by_id.values())
-    assert len(_drain(rabbit, "camera.queue")) == 51
+    assert len(drain(rabbit, "camera.queue")) == 51
 
 
 def test_broker_killed_mid_stream_loses_nothing_it_confirmed(rabbit: Any, sink: RabbitSink) -> None:
@@ -239,5 +221,5 @@ def test_broker_killed_mid_stream_loses_nothing_it_confirmed(rabbit: Any, sink: 
     confirmed = {i for i, [(err, _)] in outcomes.items() if err is None}
     lost = [err for i, [(err, _)] in outcomes.items() if err is not None]
     assert all(not err.records_fault for err in lost), "an outage counted against a record"
-    stored = {p.message_id for _, p, _ in _drain(rabbit, "camera.queue")}
+    stored = {p.message_id for _, p, _ in drain(rabbit, "camera.queue")}
     assert confirmed <= stored, f"{len(confirmed - stored)} confirmed messages lost"
