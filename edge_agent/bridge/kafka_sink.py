@@ -43,6 +43,7 @@ class KafkaSink:
         self._producers = ProducerSupervisor(conf, stall_timeout_s, on_outage=on_outage)
         self._lock = threading.Lock()  # the HTTP API's thread sends too; a swap must not interleave
         self._refused: list[tuple[Report, SendError]] = []  # reported by the next poll
+        self._delivered_any = False  # a delivery since the last poll: progress for the stall watch
 
     @property
     def connected(self) -> bool:
@@ -51,7 +52,7 @@ class KafkaSink:
     def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]], report: Report) -> None:
         def delivered(err: KafkaError | None, msg: Any) -> None:
             if err is None:
-                self._producers.delivered(time.monotonic())
+                self._delivered_any = True
                 report(None, Delivered(msg.topic(), msg.partition(), msg.offset()))
             else:
                 report(send_error(err), None)
@@ -69,7 +70,11 @@ class KafkaSink:
             refused, self._refused = self._refused, []
         for report, err in refused:
             report(err, None)
-        return len(refused) + self._producers.producer.poll(0 if refused else timeout)
+        served = self._producers.producer.poll(0 if refused else timeout)
+        if self._delivered_any:  # one clock read per poll, not per delivery report
+            self._delivered_any = False
+            self._producers.delivered(time.monotonic())
+        return len(refused) + served
 
     def queued(self) -> int:
         return self._producers.queued()
