@@ -22,7 +22,10 @@ every clip is detected again), and keeps the frames a camera at that rate would 
 The peer gets the same frames, its ByteTrack told the processing rate. Truth does not depend on the
 rate. Line sets: ``tuning`` (DEFAULT_LINES, the ones the counting rules were tuned on), ``held_out``
 (HELD_OUT_LINES) and ``fresh`` (FRESH_LINES), never tuned on. With a cache the peer's counts are kept
-too (they do not change while our tracker does). From another script (scripts/ on the path):
+too (they do not change while our tracker does). Beside ours and the peer, two reference pipelines
+(count_floors.py) tell where the error comes from at each rate: ``oracle`` (a perfect tracker: our
+detections with the annotated identities, through our line counters) and ``gt_boxes`` (a perfect
+detector: the annotated boxes through our whole stage). From another script (scripts/ on the path):
 
     from bench_count import sweep, print_sweep_table
     result = sweep(Path("/tmp/dets"), factory=my_stage_factory, peer=False)   # see StageFactory
@@ -46,6 +49,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
+from count_floors import by_frame, floors
 from edge_agent.vision.capture import FrameSampler, iter_file_frames, video_size
 from edge_agent.vision.config import LineConfig, ModelConfig
 from edge_agent.vision.count import Segment
@@ -313,12 +317,14 @@ def _points(src_fps: float, rates, extra: tuple[float, ...]) -> list[tuple[str, 
 
 def sweep(cache_dir: Path | None, line_sets: dict[str, list[str]] | None = None, rates=RATES,
           clips=tuple(CLIPS), *, model: ModelConfig | None = None, extra_fps: dict | None = None,
-          factory: StageFactory = counting_stage, peer: bool = True) -> dict:
+          factory: StageFactory = counting_stage, peer: bool = True, with_floors: bool = True) -> dict:
     """Counting error of ours (``factory``'s stage) and the peer at each rate, per line set and clip.
 
     ``{"sets": {set: {"clips": {clip: {"truth", "truth_total", "rates": {key: entry}}}, "total_pct"}}}``;
     keys are ``rate_key(r)`` and ``fps=N`` for ``extra_fps`` (default: PETS09 at 5 fps); an entry has
-    fps, frames, ours, ours_error, ours_pct (and the same for peer). ``peer=False`` skips the peer."""
+    fps, frames, ours, ours_error, ours_pct (and the same for peer, and for the reference pipelines
+    ``oracle`` and ``gt_boxes`` of count_floors.py). ``peer=False`` skips the peer, ``with_floors=False``
+    the references."""
     model = model or default_model()
     line_sets = line_sets or LINE_SETS
     extra_fps = EXTRA_FPS if extra_fps is None else extra_fps
@@ -332,6 +338,7 @@ def sweep(cache_dir: Path | None, line_sets: dict[str, list[str]] | None = None,
         dets, source, dets_key = clip_detections(clip, model, cache_dir)
         out["seconds"]["detections"] += time.perf_counter() - started
         gt = load_gt(clip)
+        gt_frames = by_frame(gt)
         points = _points(src_fps, rates, tuple(extra_fps.get(clip, ())))
         frames = {key: kept_frames(dets, src_fps, fps) for key, fps in points}
         out["clips"][clip] = {"src_fps": src_fps, "frames": len(dets), "detections": source,
@@ -352,6 +359,11 @@ def sweep(cache_dir: Path | None, line_sets: dict[str, list[str]] | None = None,
                 out["seconds"]["peer"] += time.perf_counter() - t1
                 _score(entry, "ours", ours, truth, total)
                 _score(entry, "peer", theirs, truth, total)
+                if with_floors:
+                    refs = floors(gt_frames, frames[key], lines, (width, height), src_fps, rate_fps, names,
+                                  model.confidence, factory, ours_on)
+                    for who, counts in refs.items():
+                        _score(entry, who, counts, truth, total)
                 per_rate[key] = entry
             out["sets"][name]["clips"][clip] = {"truth": truth, "truth_total": total, "rates": per_rate}
     for name in line_sets:
@@ -361,15 +373,15 @@ def sweep(cache_dir: Path | None, line_sets: dict[str, list[str]] | None = None,
 
 
 def _totals(per_clip: dict, rates) -> dict:
-    """Error % per rate over all clips (summed errors over summed truth), ours and peer."""
+    """Error % per rate over all clips (summed errors over summed truth): ours, the peer and the
+    reference pipelines, each where every clip has it."""
     out = {}
     for r in rates:
         entries = [c["rates"][rate_key(r)] for c in per_clip.values()]
         truth = sum(c["truth_total"] for c in per_clip.values())
-        row = {"ours": _pct(sum(e["ours_error"] for e in entries), truth)}
-        if all("peer_error" in e for e in entries):
-            row["peer"] = _pct(sum(e["peer_error"] for e in entries), truth)
-        out[rate_key(r)] = row
+        out[rate_key(r)] = {who: _pct(sum(e[f"{who}_error"] for e in entries), truth)
+                            for who in ("ours", "peer", "oracle", "gt_boxes")
+                            if all(f"{who}_error" in e for e in entries)}
     return out
 
 
@@ -402,6 +414,10 @@ def print_sweep_table(result: dict) -> None:
         cells = "  ".join(f"{_label(k)}: {v['ours']:5.1f} / {v.get('peer', '-'):>5}"
                           for k, v in data["total_pct"].items())
         print(f"  {'all clips':31s}  {cells}", file=err)
+        for who, label in (("oracle", "perfect tracker"), ("gt_boxes", "perfect detector")):
+            if all(who in v for v in data["total_pct"].values()):
+                cells = "  ".join(f"{_label(k)}: {v[who]:5.1f}" for k, v in data["total_pct"].items())
+                print(f"  {'  all clips, ' + label:31s}  {cells}", file=err)
     v = result.get("pets_v")
     if v:
         t = v["truth"]
