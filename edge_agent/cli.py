@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from edge_agent import __version__
-from edge_agent.common.config import ConfigError
+from edge_agent.common.config import ConfigError, print_problems
 
 # Top-level modules of each extra in pyproject.toml (import names, not distribution names).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
@@ -53,9 +53,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
             return 2
     kind, problems = check_file(Path(args.config), env=env, files=not args.skip_files)
     if problems:
-        for line in problems:
-            print(line, file=sys.stderr)
-        return 2
+        return print_problems(problems)
     print(f"{args.config}: valid {kind} config")
     return 0
 
@@ -64,9 +62,7 @@ def _load_or_exit(loader, path: str):
     try:
         return loader(Path(path))
     except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(print_problems(e.problems))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from edge_agent.agent.outbox import Outbox
 from edge_agent.agent.supervisor import CameraSupervisor, Worker
 from edge_agent.agent.uplink import Uplink
 from edge_agent.common import logs, systemd
-from edge_agent.common.config import env_secret
+from edge_agent.common.config import env_secret, print_problems
 from edge_agent.common.envelope import Draft, Envelope
 from edge_agent.common.supervised import Check, Health
 from edge_agent.vision.config import ModelConfig
@@ -272,9 +272,7 @@ def run_agent(config_path: Path) -> int:
     try:
         live = LiveConfig(config_path, check_secrets=False)
     except ConfigRejected as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return 2
+        return print_problems(e.problems)
     except OSError as e:
         print(f"(file): cannot read {config_path}: {e.strerror or e}", file=sys.stderr)
         return 2
@@ -282,9 +280,7 @@ def run_agent(config_path: Path) -> int:
     # A model or TLS file that is not there would fail the cameras or the uplink over and over:
     # say so once, as check-config does, and let systemd show it.
     if problems := cfg.file_problems():
-        for line in problems:
-            print(line, file=sys.stderr)
-        return 2
+        return print_problems(problems)
     logs.setup(cfg.log.level, cfg.log.format)
     agent = Agent(cfg, config_path, live)
 

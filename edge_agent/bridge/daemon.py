@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from edge_agent.bridge.supervisor import (
     remove_metrics_dir,
 )
 from edge_agent.common import logs
-from edge_agent.common.config import ConfigError, missing_secrets
+from edge_agent.common.config import ConfigError, missing_secrets, print_problems
 from edge_agent.common.supervised import SupervisedThread
 from edge_agent.common.systemd import notify
 
@@ -78,9 +77,7 @@ def run_bridge(path: Path) -> int:
         if problems:
             raise ConfigError(problems)
     except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return 2
+        return print_problems(e.problems)
     logs.setup(cfg.log.level, cfg.log.format)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # first: a SIGTERM during start-up still drains

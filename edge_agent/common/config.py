@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import re
+import sys
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,18 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+# What every entry point exits with when it refuses its config file (systemd shows the lines above it).
+EXIT_BAD_CONFIG = 2
+
+
+def print_problems(problems: Iterable[str]) -> int:
+    """A refused config's problems on stderr, one line each, as every entry point reports them;
+    returns EXIT_BAD_CONFIG for the caller to exit with."""
+    for line in problems:
+        print(line, file=sys.stderr)
+    return EXIT_BAD_CONFIG
 
 
 class Strict(BaseModel):

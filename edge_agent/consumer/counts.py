@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from edge_agent.common.config import ConfigError
+from edge_agent.common.config import ConfigError, print_problems
 from edge_agent.consumer.config import load_consumer
 from edge_agent.consumer.postgres import BUCKET_S, parse_ts
 
@@ -104,9 +104,7 @@ def counts_command(args: argparse.Namespace) -> int:
         bucket_s = parse_duration(args.bucket) if args.bucket else None
         since, until = _time_arg(args.since, "since"), _time_arg(args.until, "until")
     except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return 2
+        return print_problems(e.problems)
     except ValueError as e:
         print(f"edge-agent counts: {e}", file=sys.stderr)
         return 2

@@ -6,14 +6,13 @@ import importlib.util
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from edge_agent.common import logs
-from edge_agent.common.config import ConfigError, missing_secrets
+from edge_agent.common.config import ConfigError, missing_secrets, print_problems
 from edge_agent.common.supervised import Health, SupervisedThread
 from edge_agent.common.systemd import notify, watchdog_interval_s
 from edge_agent.common.wire import AUDIT_STREAM
@@ -101,9 +100,7 @@ def load_or_exit(path: Path) -> ConsumerConfig | int:
             raise ConfigError(problems)
         return cfg
     except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return 2
+        return print_problems(e.problems)
 
 
 def run_consume(path: Path) -> int:
@@ -118,9 +115,7 @@ def run_consume(path: Path) -> int:
     try:
         sink = make_sink(cfg)
     except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return 2
+        return print_problems(e.problems)
     observe, tick = auditing(cfg, sink)
     health = Health()
     state = SinkState()

@@ -23,7 +23,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from edge_agent.common import logs
-from edge_agent.common.config import ConfigError
+from edge_agent.common.config import ConfigError, print_problems
 from edge_agent.common.wire import AUDIT_STREAM
 from edge_agent.consumer.auditor import publish_audit, who
 from edge_agent.consumer.config import ConsumerConfig
@@ -138,9 +138,7 @@ def replay_command(path: Path, from_ts: str | None, to_ts: str | None) -> int:
         print(f"edge-agent consume: {e}", file=sys.stderr)
         return 2
     except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return 2
+        return print_problems(e.problems)
     logs.setup(cfg.log.level, cfg.log.format)
     stop = threading.Event()
     import signal

@@ -23,7 +23,7 @@ from confluent_kafka.admin import (
 )
 
 from edge_agent.bridge.kafka import kafka_client_config
-from edge_agent.common.config import ConfigError
+from edge_agent.common.config import ConfigError, print_problems
 from edge_agent.common.wire import STREAMS
 from edge_agent.consumer.config import ConsumerConfig, load_consumer
 
@@ -136,9 +136,7 @@ def ensure_command(path: Path, *, dry_run: bool = False) -> int:
         cfg = load_consumer(path)
         client = kafka_client_config(cfg.kafka)
     except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return 2
+        return print_problems(e.problems)
     try:
         plans, problems = ensure(client, cfg, dry_run=dry_run)
     except KafkaException as e:
