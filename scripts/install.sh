@@ -3,11 +3,12 @@
 # pip extra, the role's systemd unit, a dedicated user (agent) and example configs in /etc
 # (never overwriting ones that exist).
 #
-#   sudo scripts/install.sh --role agent|bridge [--role ...] [--model PATH] [--gpu]
+#   sudo scripts/install.sh --role agent|bridge|consumer [--role ...] [--model PATH] [--gpu]
 #                           [--onnxruntime PACKAGE] [--enable]
 #
 #   --role agent    camera host: edge-agent[agent], edge-agent.service, /etc/edge-agent
 #   --role bridge   central host: edge-agent[bridge], edge-bridge.service, /etc/edge-bridge
+#   --role consumer central host: edge-agent[consumer], edge-consumer.service, /etc/edge-consumer
 #   --model PATH    copy an ONNX model to $PREFIX/models (agent role)
 #   --gpu           let the agent's unit open GPU/NPU device nodes (drop-in gpu.conf)
 #   --onnxruntime PACKAGE   the onnxruntime build to run instead of the CPU one, e.g.
@@ -33,11 +34,11 @@ ROLES=()
 
 die() { echo "install.sh: $*" >&2; exit 1; }
 say() { echo "install.sh: $*"; }
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --role) [[ $# -ge 2 ]] || die "--role needs agent or bridge"; ROLES+=("$2"); shift 2 ;;
+    --role) [[ $# -ge 2 ]] || die "--role needs agent, bridge or consumer"; ROLES+=("$2"); shift 2 ;;
     --model) [[ $# -ge 2 ]] || die "--model needs a path"; MODEL=$2; shift 2 ;;
     --gpu) GPU=1; shift ;;
     --onnxruntime) [[ $# -ge 2 ]] || die "--onnxruntime needs a package, e.g. onnxruntime-gpu"; ORT_PACKAGE=$2; shift 2 ;;
@@ -46,10 +47,12 @@ while [[ $# -gt 0 ]]; do
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
-[[ ${#ROLES[@]} -gt 0 ]] || die "say which host this is: --role agent (camera) or --role bridge (central)"
+[[ ${#ROLES[@]} -gt 0 ]] || die "say which host this is: --role agent (camera) or --role bridge / --role consumer (central)"
 has_role() { local r; for r in "${ROLES[@]}"; do [[ $r == "$1" ]] && return 0; done; return 1; }
-for role in "${ROLES[@]}"; do [[ $role == agent || $role == bridge ]] || die "--role takes agent or bridge, not $role"; done
-[[ -z $MODEL ]] || has_role agent || die "--model is for --role agent (the bridge runs no model)"
+for role in "${ROLES[@]}"; do
+  [[ $role == agent || $role == bridge || $role == consumer ]] || die "--role takes agent, bridge or consumer, not $role"
+done
+[[ -z $MODEL ]] || has_role agent || die "--model is for --role agent (the central roles run no model)"
 [[ $GPU -eq 0 && -z $ORT_PACKAGE ]] || has_role agent || die "--gpu and --onnxruntime are for --role agent"
 [[ -n $DESTDIR || $(id -u) -eq 0 ]] || die "run as root (or set DESTDIR to stage)"
 [[ -z $MODEL || -f $MODEL ]] || die "model not found: $MODEL"
@@ -60,7 +63,7 @@ ROOT=${DESTDIR%/}
 EXTRAS=$(IFS=,; echo "${ROLES[*]}")  # the pip extras are named after the roles
 
 # 1. The agent's user: owns the state and may rewrite its config (set_config); video for /dev/video*.
-#    The bridge runs as a systemd DynamicUser and needs none.
+#    The bridge and the consumer run as systemd DynamicUsers and need none.
 if ! staged && has_role agent; then
   if ! id -u "$USER_NAME" >/dev/null 2>&1; then
     useradd --system --user-group --home-dir /var/lib/edge-agent --no-create-home \
@@ -101,7 +104,7 @@ if has_role agent; then
 fi
 
 # 3. The role's unit, pointing at this PREFIX.
-unit_of() { [[ $1 == agent ]] && echo edge-agent.service || echo edge-bridge.service; }
+unit_of() { echo "edge-$1.service"; }  # edge-agent, edge-bridge, edge-consumer
 install -d -m 0755 "$ROOT/etc/systemd/system"
 for role in "${ROLES[@]}"; do
   unit=$(unit_of "$role")
@@ -128,6 +131,11 @@ if has_role bridge; then
   put_example "$SRC/systemd/bridge.yaml.example" "$ROOT/etc/edge-bridge/bridge.yaml" 0644
   put_example "$SRC/systemd/bridge.env.example" "$ROOT/etc/edge-bridge/bridge.env" 0600
 fi
+if has_role consumer; then
+  install -d -m 0755 "$ROOT/etc/edge-consumer"
+  put_example "$SRC/examples/consumer.yaml" "$ROOT/etc/edge-consumer/consumer.yaml" 0644
+  put_example "$SRC/systemd/consumer.env.example" "$ROOT/etc/edge-consumer/consumer.env" 0600
+fi
 
 if staged; then
   say "staged into $DESTDIR"
@@ -139,6 +147,7 @@ if has_role agent; then
   chown root:root /etc/edge-agent/agent.env
 fi
 if has_role bridge; then chown root:root /etc/edge-bridge/bridge.env; fi
+if has_role consumer; then chown root:root /etc/edge-consumer/consumer.env; fi
 
 if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
   systemctl daemon-reload
@@ -149,7 +158,7 @@ else
   say "systemd is not running here: units installed, not loaded"
 fi
 for role in "${ROLES[@]}"; do
-  [[ $role == agent ]] && dir=/etc/edge-agent || dir=/etc/edge-bridge
+  dir=/etc/edge-$role
   say "next ($role): edit $dir/$role.yaml and $role.env, then"
   say "  $PREFIX/venv/bin/edge-agent check-config -c $dir/$role.yaml --env-file $dir/$role.env"
   say "  systemctl enable --now $(unit_of "$role")"

@@ -229,10 +229,27 @@ def test_install_script_stages_the_bridge_role_only(tmp_path: Path) -> None:
     assert not (root / "etc/edge-agent").exists() and not (root / "opt/edge-test/models").exists()
 
 
+@pytest.mark.timeout(300)
+def test_install_script_stages_the_consumer_role_only(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    run = _install(root, "--role", "consumer")
+    assert run.returncode == 0, run.stderr
+    assert "installing edge-agent[consumer]" in run.stdout
+    unit = (root / "etc/systemd/system/edge-consumer.service").read_text()
+    assert "ExecStart=/opt/edge-test/venv/bin/edge-agent consume -c /etc/edge-consumer/consumer.yaml" in unit
+    assert oct((root / "etc/edge-consumer/consumer.env").stat().st_mode & 0o777) == "0o600"
+    assert (root / "etc/edge-consumer/consumer.yaml").read_text() == (REPO / "examples/consumer.yaml").read_text()
+    # Nothing of the other roles.
+    for other in ("edge-agent", "edge-bridge"):
+        assert not (root / f"etc/systemd/system/{other}.service").exists()
+        assert not (root / f"etc/{other}").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--role", "agent", "--model", "none.onnx"], "model not found"),
     ([], "--role agent (camera) or --role bridge"),
-    (["--role", "camera"], "--role takes agent or bridge"),
+    (["--role", "camera"], "--role takes agent, bridge or consumer"),
+    (["--role", "consumer", "--gpu"], "--gpu and --onnxruntime are for --role agent"),
     (["--role", "bridge", "--model", "none.onnx"], "--model is for --role agent"),
     (["--enable", "agent"], "unknown argument: agent"),
     (["--role", "bridge", "--gpu"], "--gpu and --onnxruntime are for --role agent"),
@@ -252,7 +269,8 @@ def test_example_configs_are_valid(tmp_path: Path) -> None:
     name are the target host's (tests/common/test_check_config.py checks them in place)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
     for config, secrets in (("examples/agent.yaml", "systemd/agent.env.example"),
-                            ("systemd/bridge.yaml.example", "systemd/bridge.env.example")):
+                            ("systemd/bridge.yaml.example", "systemd/bridge.env.example"),
+                            ("examples/consumer.yaml", "systemd/consumer.env.example")):
         proc = subprocess.run([sys.executable, "-m", "edge_agent", "check-config", "-c", str(REPO / config),
                                "--env-file", str(REPO / secrets), "--skip-files"],
                               env=env, capture_output=True, text=True, timeout=60)
