@@ -4,7 +4,8 @@ Both count on exactly the frames the sweep keeps at a rate, with our line counte
 debounce, hysteresis), so their error beside ours tells which part to work on:
 
 - ``oracle``: our detections, each given the identity of the annotated person it overlaps (IoU >= 0.5,
-  one-to-one per frame), fed to our line counters; no tracker. What a perfect tracker would count
+  one-to-one per frame), smoothed by our tracker's Kalman filter per identity and fed to our line
+  counters: our pipeline with association made perfect, i.e. what a perfect tracker would count
   with this detector. Detections that overlap no annotated person are left out (false positives
   and people the annotation lacks), and a person keeps their line state across any gap, which no
   online tracker can know: it is a floor, not a reachable target.
@@ -23,7 +24,15 @@ import numpy as np
 from edge_agent.vision.config import LineConfig
 from edge_agent.vision.count import RecentAnchors, anchor_point
 from edge_agent.vision.detect import Detections
-from edge_agent.vision.track import assign, iou_matrix
+from edge_agent.vision.track import (
+    assign,
+    iou_matrix,
+    kalman_initiate,
+    kalman_predict,
+    kalman_update,
+    xyah_to_xyxy,
+    xyxy_to_xyah,
+)
 
 # A detection stands for an annotated person when they overlap this much (MOTChallenge's own threshold).
 MATCH_IOU = 0.5
@@ -65,13 +74,39 @@ def identified(gt: GtFrames, frames: list[tuple[int, Detections]], class_id: int
     return out
 
 
-def oracle_counts(observations: list[tuple[int, int, np.ndarray]], stage: Any, src_fps: float,
+class KalmanBoxes:
+    """Each identity's box as our tracker reports a track's: its Kalman estimate after the
+    observation, predicted once per processed frame in between (the tracker's own filter)."""
+
+    def __init__(self, kept: list[int]):
+        self.step_of = {frame: k for k, frame in enumerate(kept)}
+        self.state: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # id -> mean, cov, step
+
+    def filtered(self, gid: int, frame: int, box: np.ndarray) -> np.ndarray:
+        step = self.step_of[frame]
+        if gid not in self.state:
+            mean, cov = kalman_initiate(xyxy_to_xyah(box))
+        else:
+            mean, cov, last = self.state[gid]
+            means, covs = mean[None], cov[None]
+            for _ in range(step - last):
+                means, covs = kalman_predict(means, covs)
+            means, covs = kalman_update(means, covs, xyxy_to_xyah(box)[None])
+            mean, cov = means[0], covs[0]
+        self.state[gid] = (mean, cov, step)
+        return xyah_to_xyxy(mean[:4])
+
+
+def oracle_counts(observations: list[tuple[int, int, np.ndarray]], kept: list[int], stage: Any, src_fps: float,
                   class_name: str) -> dict[str, dict[str, int]]:
-    """Counts of ``stage``'s line counters (built for the rate at hand) fed with identified detections,
-    each identity's anchor smoothed as the stage smooths a track's."""
+    """Counts of ``stage``'s line counters (built for the rate at hand) fed with identified detections
+    of the processed frames ``kept``, each identity's box filtered and its anchor smoothed as the
+    stage does a track's."""
     counts = {line.id: {"in": 0, "out": 0} for line in stage.lines}
     recent: dict[int, RecentAnchors] = {}
-    for frame, gid, box in observations:
+    kalman = KalmanBoxes(kept)
+    for frame, gid, raw in observations:
+        box = kalman.filtered(gid, frame, raw)
         anchors = recent.setdefault(gid, RecentAnchors(stage.smooth))
         anchors.add(anchor_point(box))
         for line in stage.lines:
@@ -90,6 +125,7 @@ def floors(gt: GtFrames, frames: list[tuple[int, Detections]], lines: list[LineC
     """``{"oracle": counts, "gt_boxes": counts}`` at one rate (``ours_on``: bench_count's runner)."""
     person = names.index("person")
     stage = factory(lines, *size, names, fps, confidence)
-    oracle = oracle_counts(identified(gt, frames, person), stage, src_fps, "person")
-    boxes = gt_box_frames(gt, [i for i, _ in frames], person)
+    kept = [i for i, _ in frames]
+    oracle = oracle_counts(identified(gt, frames, person), kept, stage, src_fps, "person")
+    boxes = gt_box_frames(gt, kept, person)
     return {"oracle": oracle, "gt_boxes": ours_on(boxes, lines, size, src_fps, fps, names, confidence, factory)}

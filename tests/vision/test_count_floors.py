@@ -64,8 +64,19 @@ def test_perfect_identities_count_each_crossing_once_even_across_a_gap() -> None
     gt = floors_module.by_frame(walker(1, range(20), 200, 30))
     frames = [(i, d) for i, d in detections_of(gt, range(20)) if not 8 <= i <= 12]
     stage = stage_factory([VERTICAL], W, H, NAMES, FPS, 0.5)
-    counts = floors_module.oracle_counts(floors_module.identified(gt, frames, 0), stage, FPS, "person")
+    found = floors_module.identified(gt, frames, 0)
+    counts = floors_module.oracle_counts(found, [i for i, _ in frames], stage, FPS, "person")
     assert counts == {"v": {"in": 0, "out": 1}}  # left -> right of a downward line is "out"
+
+
+def test_the_oracle_reports_boxes_as_the_tracker_does() -> None:
+    """A box that jumps for one frame moves the Kalman estimate only part of the way, as a track's."""
+    kalman = floors_module.KalmanBoxes(list(range(5)))
+    still = np.array([100.0, 100.0, 140.0, 200.0])
+    for f in range(4):
+        assert np.allclose(kalman.filtered(1, f, still), still, atol=1.0)
+    jumped = kalman.filtered(1, 4, still + [30, 0, 30, 0])
+    assert 100.0 + 1.0 < jumped[0] < 130.0 - 1.0
 
 
 def test_floors_report_both_references_at_a_reduced_rate() -> None:
