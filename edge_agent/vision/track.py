@@ -9,7 +9,9 @@ One addition for cameras processed at a few frames a second: boxes and tracks le
 IoU stages are matched by the distance of their centres, within how far a track can get
 between two processed frames (``reach_heights_s``), new tracks included; at such rates a
 walker's box often no longer overlaps the prediction, and IoU alone starts a new track
-(or never confirms one) at every frame.
+(or never confirms one) at every frame. For the same reason the motion model's step is measured
+in frames of the rate ByteTrack's noise was tuned at (``step_frames``): at a few frames a second
+the speed is learnt in as few processed frames as at full rate, and predictions do not lag.
 """
 
 from __future__ import annotations
@@ -41,16 +43,35 @@ def xyah_to_xyxy(m: np.ndarray) -> np.ndarray:
     return np.stack([m[..., 0] - w / 2, m[..., 1] - h / 2, m[..., 0] + w / 2, m[..., 1] + h / 2], axis=-1)
 
 
-def kalman_initiate(xyah: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+# The frame rate the noise values above were tuned at (ByteTrack on MOT17, mostly 30 fps). The
+# state's velocity is per processed frame, so at a lower rate a step spans dt = REFERENCE_FPS / fps
+# of those frames; the noise is scaled as for a constant-velocity model driven by white acceleration
+# (Bar-Shalom): a walker's speed per step, its prior and its change per step grow with dt. The
+# measurement noise is not scaled: a detector's jitter does not depend on the rate.
+REFERENCE_FPS = 30.0
+
+
+def step_frames(frame_rate: float) -> float:
+    """How many reference frames one processed frame spans (never less than one: faster cameras
+    keep ByteTrack's per-frame noise)."""
+    return max(1.0, REFERENCE_FPS / frame_rate)
+
+
+def kalman_initiate(xyah: np.ndarray, dt: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """A track's first state; ``dt``: reference frames per step (``step_frames``)."""
     h = xyah[3]
-    std = np.array([2 * _STD_POS * h, 2 * _STD_POS * h, 1e-2, 2 * _STD_POS * h,
-                    10 * _STD_VEL * h, 10 * _STD_VEL * h, 1e-5, 10 * _STD_VEL * h])
+    v = 10 * _STD_VEL * h * dt  # an unknown speed per step is dt times the unknown speed per frame
+    std = np.array([2 * _STD_POS * h, 2 * _STD_POS * h, 1e-2, 2 * _STD_POS * h, v, v, 1e-5, v])
     return np.r_[xyah, np.zeros(4)], np.diag(std ** 2)
 
 
-def kalman_predict(means: np.ndarray, covs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Predict many tracks at once: means (N, 8), covs (N, 8, 8)."""
+def kalman_predict(means: np.ndarray, covs: np.ndarray, dt: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Predict many tracks at once: means (N, 8), covs (N, 8, 8); ``dt`` as in ``kalman_initiate``."""
     h2 = (means[:, 3:4] ** 2) * _Q_SCALE  # (N, 8) process noise variances, relative to height
+    # Over dt frames the position wanders dt times the per-frame variance; the speed changes dt
+    # times the per-frame variance, and in units per step that is dt**2 more: dt**3 in all.
+    h2[:, :4] *= dt
+    h2[:, 4:] *= dt ** 3
     h2[:, 2], h2[:, 6] = 1e-4, 1e-10
     covs = _F @ covs @ _F.T
     idx = np.arange(8)
@@ -173,6 +194,7 @@ class ByteTracker:
         # Stage 3 (motion): a box that overlaps no predicted track may still be the one a track
         # reaches between two processed frames; how far, in its box heights, a track may go.
         self.reach = reach_heights_s / frame_rate
+        self.dt = step_frames(frame_rate)  # the motion model's time step, in reference frames
         self.frame = 0
         self.tracked: list[Track] = []
         self.lost: list[Track] = []
@@ -203,7 +225,7 @@ class ByteTracker:
         means = np.array([t.mean for t in tracks])
         # A lost track's height velocity is zeroed so that it does not grow or shrink unseen.
         means[[t.state != TrackState.TRACKED for t in tracks], 7] = 0.0
-        means, covs = kalman_predict(means, np.array([t.cov for t in tracks]))
+        means, covs = kalman_predict(means, np.array([t.cov for t in tracks]), self.dt)
         for t, m, c, b in zip(tracks, means, covs, xyah_to_xyxy(means[:, :4])):
             t.set_state(m, c, b)
 
@@ -270,7 +292,7 @@ class ByteTracker:
             observe([tracks[i] for i in ti], boxes[di], scores[di], classes[di], self.frame)
 
     def _start(self, box: np.ndarray, score: float, class_id: int) -> Track:
-        mean, cov = kalman_initiate(xyxy_to_xyah(box))
+        mean, cov = kalman_initiate(xyxy_to_xyah(box), self.dt)
         track = Track(self._next_id, mean, cov, score, class_id, self.frame, self.frame)
         self._next_id += 1
         if self.frame == 1:  # as in ByteTrack: boxes of the very first frame are trusted at once
