@@ -78,19 +78,20 @@ class KalmanBoxes:
     """Each identity's box as our tracker reports a track's: its Kalman estimate after the
     observation, predicted once per processed frame in between (the tracker's own filter)."""
 
-    def __init__(self, kept: list[int]):
+    def __init__(self, kept: list[int], dt: float = 1.0):
         self.step_of = {frame: k for k, frame in enumerate(kept)}
+        self.dt = dt  # the tracker's time step (track.step_frames of the processing rate)
         self.state: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # id -> mean, cov, step
 
     def filtered(self, gid: int, frame: int, box: np.ndarray) -> np.ndarray:
         step = self.step_of[frame]
         if gid not in self.state:
-            mean, cov = kalman_initiate(xyxy_to_xyah(box))
+            mean, cov = kalman_initiate(xyxy_to_xyah(box), self.dt)
         else:
             mean, cov, last = self.state[gid]
             means, covs = mean[None], cov[None]
             for _ in range(step - last):
-                means, covs = kalman_predict(means, covs)
+                means, covs = kalman_predict(means, covs, self.dt)
             means, covs = kalman_update(means, covs, xyxy_to_xyah(box)[None])
             mean, cov = means[0], covs[0]
         self.state[gid] = (mean, cov, step)
@@ -104,7 +105,7 @@ def oracle_counts(observations: list[tuple[int, int, np.ndarray]], kept: list[in
     stage does a track's."""
     counts = {line.id: {"in": 0, "out": 0} for line in stage.lines}
     recent: dict[int, RecentAnchors] = {}
-    kalman = KalmanBoxes(kept)
+    kalman = KalmanBoxes(kept, stage.tracker.dt)
     for frame, gid, raw in observations:
         box = kalman.filtered(gid, frame, raw)
         anchors = recent.setdefault(gid, RecentAnchors(stage.smooth))
