@@ -146,13 +146,18 @@ class _Trail:
         self.step, self.class_id = step, class_id
 
     def predicted_anchor(self, step: int) -> tuple[float, float]:
-        """The last anchor moved on at the mean speed over the trail (constant velocity)."""
-        (x0, y0), (x1, y1) = self.anchors.points[0], self.anchors.points[-1]
-        s0, s1 = self.steps[0], self.steps[-1]
-        if s1 == s0:
-            return x1, y1
-        k = (step - s1) / (s1 - s0)
-        return x1 + (x1 - x0) * k, y1 + (y1 - y0) * k
+        """Where the anchor would be at ``step`` at constant velocity, estimated robustly: the
+        median speed over the trail's steps, from the median of the anchors each moved on to
+        ``step``. A last box that jumped (the track took a neighbour's or a merged box just
+        before it was hidden) would otherwise throw the prediction off for the whole gap."""
+        pts, steps = list(self.anchors.points), list(self.steps)
+        if len(pts) < 2:
+            return pts[-1]
+        moves = [((b[0] - a[0]) / (sb - sa), (b[1] - a[1]) / (sb - sa))
+                 for a, b, sa, sb in zip(pts, pts[1:], steps, steps[1:])]
+        vx, vy = np.median(moves, axis=0)
+        x, y = np.median([(px + vx * (step - s), py + vy * (step - s)) for (px, py), s in zip(pts, steps)], axis=0)
+        return float(x), float(y)
 
 
 class CountingStage:

@@ -325,6 +325,17 @@ def test_a_walker_hidden_while_crossing_counts_once_where_its_motion_says_it_com
     assert [(c.direction, c.track_id) for c in _replay(script)] == [("in", 2)]
 
 
+def test_a_walker_whose_last_box_jumped_before_it_was_hidden_still_counts_once():
+    """Just before vanishing, the walker's track took a merged box (its own and the taller person's
+    in front of it): the box bottom jumped 0.6 heights down in one frame. Extrapolating that jump
+    over the gap puts the walker far below where it comes back; the median motion of its trail
+    does not, so the new id still continues its line state and the crossing counts once."""
+    merged = TrackedObject(1, np.array([540 - 15, 300, 540 + 15, 460], float), 0.6, 0)
+    script = ([[_walker(1, x)] for x in (620, 600, 580, 560)] + [[merged]] + [[]] * 4
+              + [[_walker(2, x)] for x in (440, 420, 400, 380)])
+    assert [(c.direction, c.track_id) for c in _replay(script)] == [("in", 2)]
+
+
 def test_a_walker_not_seen_coming_back_is_not_guessed_into_a_crossing():
     """The same walk, but the new id shows up behind (not where the motion leads): no hand-over."""
     script = ([[_walker(1, x)] for x in (620, 600, 580, 560)] + [[]] * 4
