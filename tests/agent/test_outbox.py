@@ -21,6 +21,7 @@ from edge_agent.agent.outbox import (
     OutboxFull,
     OutboxUnavailable,
 )
+from edge_agent.agent.outbox import store as outbox_store
 from edge_agent.agent.outbox.index import OutboxIndex
 from edge_agent.common import metrics
 from edge_agent.common.envelope import Draft, Envelope, build, encode
@@ -309,8 +310,11 @@ def test_a_storage_error_shows_in_health_until_the_outbox_stores_again(tmp_path)
         assert box.put(_draft()).seq == 1
 
 
-def test_an_overflow_report_too_big_for_one_envelope_names_the_span(tmp_path):
+def test_an_overflow_report_too_big_for_one_envelope_names_the_span(tmp_path, monkeypatch):
     """Drops scattered among kept entries make many ranges; the report still fits the envelope bound."""
+    # All drops go into the report made at close: with the 1 s coalescing window a slow host spread
+    # them over several small reports (none truncated), and the full outbox evicted the early ones.
+    monkeypatch.setattr(outbox_store, "_OVERFLOW_REPORT_EVERY_S", 1e7)
     cfg = _cfg(tmp_path, max_bytes=60_000, max_message_bytes=4096)
     with Outbox(cfg, "gw-1") as box:
         for i in range(1200):
